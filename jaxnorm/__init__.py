@@ -1,0 +1,32 @@
+"""jaxnorm: normalization for JAX as pure functions over explicit state.
+
+    import jaxnorm as jn
+    stats = jn.init_batch_stats(64)
+    y, stats = jn.batch_norm(x, stats, scale, bias, training=True)
+
+Flax layers live in :mod:`jaxnorm.linen` and :mod:`jaxnorm.nnx`.
+"""
+
+from jaxnorm._src.batch_norm import BatchStats as BatchStats
+from jaxnorm._src.batch_norm import batch_norm as batch_norm
+from jaxnorm._src.batch_norm import init_batch_stats as init_batch_stats
+from jaxnorm._src.group_norm import group_norm as group_norm
+from jaxnorm._src.group_norm import instance_norm as instance_norm
+from jaxnorm._src.layer_norm import layer_norm as layer_norm
+from jaxnorm._src.layer_norm import rms_norm as rms_norm
+from jaxnorm._src.normalize import normalize as normalize
+from jaxnorm._src.stats import moments as moments
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchStats",
+    "batch_norm",
+    "group_norm",
+    "init_batch_stats",
+    "instance_norm",
+    "layer_norm",
+    "moments",
+    "normalize",
+    "rms_norm",
+]

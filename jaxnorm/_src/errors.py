@@ -1,0 +1,158 @@
+"""Argument checks shared by every public function, and their messages.
+
+Every check runs at trace time on static shapes and raises a ``ValueError``
+whose message names the function, the argument (in backticks), the rule, the
+values received and a fix, e.g.::
+
+    group_norm: `num_groups`=3 must divide the 32 channels of `x` (shape
+    (2, 4, 4, 32)); pass a divisor of 32 or `group_size=`.
+
+Keeping them here means one wording per rule, whichever function trips it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def check_floating(fn: str, x: Any, name: str = "x") -> None:
+    """Raises unless ``x`` has a real floating dtype (float16/bfloat16/float32/float64)."""
+    dtype = jnp.result_type(x)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            f"{fn}: `{name}` must have a real floating dtype, got {dtype} (shape "
+            f"{np.shape(x)}); cast it first, e.g. `{name}.astype(jnp.float32)`."
+        )
+
+
+def check_static_bool(fn: str, name: str, value: Any) -> bool:
+    """Returns ``value`` as a Python bool; raises for traced arrays and other types."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, jax.core.Tracer):
+        raise ValueError(
+            f"{fn}: `{name}` must be a static Python bool, got a traced value "
+            f"({value.aval}); it selects different computations, so mark it "
+            f"static, e.g. `jax.jit(step, static_argnames='{name}')`, or close "
+            f"over it with functools.partial."
+        )
+    raise ValueError(
+        f"{fn}: `{name}` must be a Python bool, got {value!r} of type "
+        f"{type(value).__name__}; pass `{name}=True` or `{name}=False`."
+    )
+
+
+def canonical_axes(fn: str, name: str, axes: int | Sequence[int], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Turns an int or a sequence of ints into sorted non-negative axes of ``shape``.
+
+    Raises for axes out of range, repeated axes (also after wrapping negatives)
+    and non-integers.
+    """
+    ndim = len(shape)
+    raw = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
+    for a in raw:
+        if not isinstance(a, (int, np.integer)) or isinstance(a, bool):
+            raise ValueError(
+                f"{fn}: `{name}` must be an int or a tuple of ints, got {axes!r}; "
+                f"e.g. `{name}=-1`."
+            )
+        if not -ndim <= a < ndim:
+            raise ValueError(
+                f"{fn}: `{name}`={axes!r} is out of range for `x` of shape {shape} "
+                f"({ndim} axes); use axes in [{-ndim}, {ndim - 1}]."
+            )
+    wrapped = tuple(int(a) % ndim for a in raw)
+    if len(set(wrapped)) != len(wrapped):
+        raise ValueError(
+            f"{fn}: `{name}`={axes!r} names an axis more than once for `x` of shape "
+            f"{shape} (as non-negative axes: {wrapped}); list each axis once."
+        )
+    return tuple(sorted(wrapped))
+
+
+def check_mask(fn: str, mask: Any, shape: tuple[int, ...]) -> jax.Array | None:
+    """Checks that ``mask`` is boolean and broadcasts to ``shape``; returns it as an array."""
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        raise ValueError(
+            f"{fn}: `mask` must be boolean (True marks the values that count), got "
+            f"dtype {mask.dtype}; pass e.g. `mask=lengths_mask.astype(bool)`."
+        )
+    try:
+        out = jnp.broadcast_shapes(mask.shape, shape)
+    except ValueError:
+        out = None
+    if out != tuple(shape):
+        raise ValueError(
+            f"{fn}: `mask` of shape {mask.shape} does not broadcast to `x` of shape "
+            f"{tuple(shape)}; give it x's rank with 1 on the axes it does not vary "
+            f"over, e.g. {_example_mask_shape(shape)} for per-example masking."
+        )
+    return mask
+
+
+def _example_mask_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(shape[:1]) + (1,) * (len(shape) - 1)
+
+
+def check_param_shape(fn: str, name: str, param: Any, allowed: Sequence[tuple[int, ...]], x_shape: tuple[int, ...]) -> None:
+    """Raises unless ``param`` is None or has one of the ``allowed`` shapes."""
+    if param is None:
+        return
+    shape = tuple(np.shape(param))
+    if shape not in tuple(tuple(a) for a in allowed):
+        options = " or ".join(str(tuple(a)) for a in allowed)
+        raise ValueError(
+            f"{fn}: `{name}` has shape {shape}, but `x` of shape {tuple(x_shape)} needs "
+            f"{options}; create it as e.g. `jnp.ones({tuple(allowed[0])})`."
+        )
+    check_floating(fn, param, name)
+
+
+def check_stats_shape(fn: str, stats: Any, feature_shape: tuple[int, ...], x_shape: tuple[int, ...], axis: Any) -> None:
+    """Raises unless running mean and var have the feature shape kept by ``axis``."""
+    for field in ("mean", "var"):
+        got = tuple(np.shape(getattr(stats, field)))
+        if got != tuple(feature_shape):
+            raise ValueError(
+                f"{fn}: `stats.{field}` has shape {got}, but `x` of shape {tuple(x_shape)} "
+                f"with `axis`={axis!r} keeps features of shape {tuple(feature_shape)}; "
+                f"create the state with `jn.init_batch_stats({tuple(feature_shape)})` "
+                f"or pass the `axis` the state was made for."
+            )
+
+
+def check_enough_values(fn: str, per_feature: int, x_shape: tuple[int, ...], axis: Any) -> None:
+    """Training batch norm with one value per feature would return only the bias."""
+    if per_feature < 2:
+        raise ValueError(
+            f"{fn}: training needs more than one value per feature to estimate a "
+            f"variance, but `x` of shape {tuple(x_shape)} with `axis`={axis!r} has "
+            f"{per_feature}; use a batch of at least 2, evaluate with "
+            f"`training=False`, or use layer_norm/group_norm for batch size 1."
+        )
+
+
+def check_choice(fn: str, name: str, value: Any, choices: Sequence[str]) -> str:
+    """Raises unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(
+            f"{fn}: `{name}`={value!r} is not one of {', '.join(repr(c) for c in choices)}; "
+            f"pass e.g. `{name}={choices[0]!r}`."
+        )
+    return value
+
+
+def check_positive(fn: str, name: str, value: Any) -> None:
+    """Raises for a static number that is not > 0 (traced values pass unchecked)."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    if not np.all(np.asarray(value) > 0):
+        raise ValueError(f"{fn}: `{name}` must be > 0, got {value!r}.")

@@ -1,0 +1,121 @@
+"""Layer norm (Ba, Kiros & Hinton 2016) and RMS norm (Zhang & Sennrich 2019).
+
+Both normalize each example over its own features, so they behave the same in
+training and inference and suit batch size 1 and recurrent nets. Statistics
+come from :func:`jaxnorm._src.normalize.standardize`; RMS norm is its uncentred
+form (no mean is subtracted, the mean square replaces the variance).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxnorm._src import errors
+from jaxnorm._src.normalize import affine, standardize
+
+Array = jax.Array
+
+
+def check_broadcast_param(fn: str, name: str, param: Any, x_shape: tuple[int, ...], axes: tuple[int, ...]) -> None:
+    """scale/bias must broadcast against x from the right without changing its shape."""
+    if param is None:
+        return
+    errors.check_floating(fn, name=name, x=param)
+    shape = tuple(jnp.shape(param))
+    ok = len(shape) <= len(x_shape) and all(
+        s in (1, d) for s, d in zip(reversed(shape), reversed(x_shape))
+    )
+    if not ok:
+        reduced = tuple(x_shape[a] for a in axes)
+        raise ValueError(
+            f"{fn}: `{name}` of shape {shape} does not broadcast against `x` of shape "
+            f"{tuple(x_shape)} from the right; use ({x_shape[-1]},) (flax) or {reduced} "
+            f"(the reduced axes, as PyTorch's LayerNorm does)."
+        )
+
+
+def _prepare(fn: str, x: Any, axis: Any, mask: Any, params: dict[str, Any]) -> tuple[Array, tuple[int, ...], Array | None]:
+    errors.check_floating(fn, x)
+    x = jnp.asarray(x)
+    axes = errors.canonical_axes(fn, "axis", axis, x.shape)
+    for name, value in params.items():
+        check_broadcast_param(fn, name, value, x.shape, axes)
+    return x, axes, errors.check_mask(fn, mask, x.shape)
+
+
+def layer_norm(
+    x: Array,
+    scale: Array | None = None,
+    bias: Array | None = None,
+    *,
+    axis: int | tuple[int, ...] = -1,
+    epsilon: float = 1e-6,
+    mask: Array | None = None,
+) -> Array:
+    """Layer normalization: each example standardized over the ``axis`` axes.
+
+    ``y = (x - mean) / sqrt(var + eps) * scale + bias`` with mean and biased
+    variance over ``axis`` (per example, per position for the other axes).
+
+    Args:
+      x: e.g. (N, C), (B, T, C) or (N, H, W, C); floating.
+      scale, bias: optional, broadcasting against x from the right: (C,) as flax
+        makes them, or the reduced shape as PyTorch's LayerNorm does.
+      axis: reduced axis or axes.
+      epsilon: added to the variance.
+      mask: bool, broadcasts to x; True marks values that count (e.g. valid
+        features); masked values reach neither statistics nor gradients.
+
+    Returns:
+      Array of x's shape and dtype (statistics in at least float32).
+
+    Raises:
+      ValueError: bad axes, parameter shapes or mask, or non-floating input.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxnorm as jn
+      >>> y = jn.layer_norm(jnp.array([[1., 2., 3.]]), epsilon=0.0)
+      >>> [round(v, 4) for v in y[0].tolist()]
+      [-1.2247, 0.0, 1.2247]
+    """
+    x, axes, mask = _prepare("layer_norm", x, axis, mask, {"scale": scale, "bias": bias})
+    x_hat, _ = standardize(x, axes, epsilon=epsilon, mask=mask)
+    return affine(x_hat, scale, bias, x.dtype)
+
+
+def rms_norm(
+    x: Array,
+    scale: Array | None = None,
+    *,
+    axis: int | tuple[int, ...] = -1,
+    epsilon: float = 1e-6,
+    mask: Array | None = None,
+) -> Array:
+    """RMS normalization: ``y = x / sqrt(mean(x**2) + eps) * scale`` over ``axis``.
+
+    Zhang & Sennrich 2019: layer norm without re-centring; flax's ``RMSNorm``.
+
+    Args:
+      x: e.g. (B, T, C); floating.
+      scale: optional, broadcasting against x from the right, e.g. (C,).
+      axis: reduced axis or axes.
+      epsilon: added to the mean square.
+      mask: bool, broadcasts to x; True marks values that count.
+
+    Returns:
+      Array of x's shape and dtype.
+
+    Raises:
+      ValueError: bad axes, scale shape or mask, or non-floating input.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxnorm as jn
+      >>> jn.rms_norm(jnp.array([[3., 4.]]), epsilon=0.0).round(4).tolist()
+      [[0.8485, 1.1314]]
+    """
+    x, axes, mask = _prepare("rms_norm", x, axis, mask, {"scale": scale})
+    x_hat, _ = standardize(x, axes, epsilon=epsilon, mask=mask, center=False)
+    return affine(x_hat, scale, None, x.dtype)
