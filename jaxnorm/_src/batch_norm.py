@@ -30,6 +30,7 @@ import jax.numpy as jnp
 
 from jaxnorm._src import errors
 from jaxnorm._src.normalize import affine, normalize, standardize
+from jaxnorm._src.stats import Moments
 
 Array = jax.Array
 
@@ -109,6 +110,11 @@ def as_broadcast(value: Array | None, lay: Layout) -> Array | None:
     return None if value is None else jnp.reshape(value, lay.broadcast_shape)
 
 
+def unbias(var: Array, count: Array) -> Array:
+    """``m/(m-1)`` times a biased variance of ``m`` values (Bessel; unchanged for m <= 1)."""
+    return var * count / jnp.maximum(count - 1, 1)
+
+
 def update_stats(
     stats: BatchStats,
     batch_mean: Array,
@@ -134,7 +140,7 @@ def update_stats(
       batch has a non-finite statistic or a feature without valid values.
     """
     if unbiased:
-        batch_var = batch_var * batch_count / jnp.maximum(batch_count - 1, 1)
+        batch_var = unbias(batch_var, batch_count)
     if average == "ema":
         new_mean = momentum * stats.mean + (1 - momentum) * batch_mean
         new_var = momentum * stats.var + (1 - momentum) * batch_var
@@ -150,6 +156,103 @@ def update_stats(
         jnp.where(ok, new_var, stats.var).astype(stats.var.dtype),
         jnp.where(ok, new_count, stats.count).astype(stats.count.dtype),
     )
+
+
+class BatchView(NamedTuple):
+    """``x`` as ``(G, N // G, ...)``: G consecutive ghost batches (G = 1 without them).
+
+    Every batch-statistics path reduces this view, so a plain batch is the
+    one-group case of ghost batches and both share one code path. Adding a
+    leading axis of size 1 is a free reshape.
+    """
+
+    x: Array
+    mask: Array | None
+    axes: tuple[int, ...]  # reduced axes of the view: every axis but 0 and the features
+    stats_shape: tuple[int, ...]  # running statistics reshaped to broadcast against the view
+
+
+def batch_view(x: Array, lay: Layout, mask: Array | None, ghost_batch_size: int | None) -> BatchView:
+    """Splits axis 0 of ``x`` (and of ``mask``) into ghost batches of ``ghost_batch_size``."""
+    k = ghost_batch_size
+    groups = 1 if k is None else x.shape[0] // k
+    xv = x[None] if k is None else jnp.reshape(x, (groups, k) + x.shape[1:])
+    if mask is not None:
+        mask = jnp.reshape(mask, (1,) * (x.ndim - mask.ndim) + mask.shape)
+        if k is None or mask.shape[0] == 1:
+            mask = mask[None]
+        else:
+            mask = jnp.reshape(mask, (groups, k) + mask.shape[1:])
+    axes = tuple(a + 1 for a in lay.reduction_axes)
+    return BatchView(xv, mask, axes, (1,) + lay.broadcast_shape)
+
+
+def batch_standardize(
+    fn: str,
+    x: Array,
+    lay: Layout,
+    mask: Array | None,
+    *,
+    axis: Any,
+    epsilon: float,
+    axis_name: Any,
+    axis_index_groups: Any,
+    ghost_batch_size: Any,
+) -> tuple[Array, Moments, BatchView]:
+    """Training-mode ``x_hat`` of batch norm (per ghost batch), in the view's shape.
+
+    Returns ``(x_hat, moments, view)``: ``x_hat`` shaped like ``view.x`` (reshape to
+    ``x.shape`` after any per-group correction), moments of shape ``(G, 1, ...)``
+    with the features kept.
+    """
+    per_example = lay.values_per_feature // max(x.shape[0], 1) if 0 in lay.reduction_axes else 1
+    ghost_batch_size = errors.check_ghost_batch_size(
+        fn, ghost_batch_size, x.shape, lay.feature_axes, per_example, axis_name
+    )
+    if axis_name is None:
+        errors.check_enough_values(fn, lay.values_per_feature, x.shape, axis)
+    view = batch_view(x, lay, mask, ghost_batch_size)
+    x_hat, m = standardize(
+        view.x, view.axes, epsilon=epsilon, mask=view.mask,
+        axis_name=axis_name, axis_index_groups=axis_index_groups,
+    )
+    return x_hat, m, view
+
+
+def fold_batch(
+    stats: BatchStats,
+    m: Moments,
+    lay: Layout,
+    *,
+    momentum: Any,
+    average: str,
+    unbiased: bool,
+) -> BatchStats:
+    """Folds the ghost batches' moments (shape ``(G, 1, ...)``) into the running statistics.
+
+    The batch contributes the plain mean over its groups of each group's mean
+    and variance (each variance made unbiased with its own count first, when
+    asked); groups without a valid value (masks) are left out of the mean, and
+    a feature without any valid group leaves the state unchanged. With G = 1
+    this is the batch's own mean and variance.
+    """
+    count = jnp.broadcast_to(m.count, m.var.shape)
+    var = unbias(m.var, count) if unbiased else m.var
+    valid = count > 0
+    groups = jnp.sum(valid, axis=0)
+    mean_over_groups = lambda a: jnp.sum(jnp.where(valid, a, 0), axis=0) / jnp.maximum(groups, 1)  # noqa: E731
+    feature = lambda a: jnp.reshape(a, lay.feature_shape)  # noqa: E731
+    new_stats = update_stats(
+        stats, feature(mean_over_groups(m.mean)), feature(mean_over_groups(var)), feature(groups),
+        momentum=momentum, average=average, unbiased=False,
+    )
+    return jax.tree.map(jax.lax.stop_gradient, new_stats)
+
+
+def evaluate(x: Array, stats: BatchStats, scale: Array | None, bias: Array | None, lay: Layout, epsilon: float) -> Array:
+    """Algorithm 2: normalize by the running statistics (scale and bias already broadcast)."""
+    shape = lay.broadcast_shape
+    return normalize(x, jnp.reshape(stats.mean, shape), jnp.reshape(stats.var, shape), scale, bias, epsilon=epsilon)
 
 
 def check_options(fn: str, training: Any, average: str | None = None) -> bool:
@@ -188,6 +291,13 @@ def batch_norm(
     statistics updated by ``average``. Evaluation: the same map with the running
     statistics; ``stats`` comes back unchanged.
 
+    Ghost batches (Hoffer, Hubara & Soudry 2017): with ``ghost_batch_size=k``,
+    training splits axis 0 into ``N // k`` consecutive groups of ``k`` examples
+    and normalizes each with its own statistics, as if it were a batch of its
+    own; the running statistics take the plain mean of the groups' means and
+    variances. This keeps the noise of small-batch statistics (a regularizer)
+    while the rest of the step uses a large batch. Evaluation ignores it.
+
     Args:
       x: (N, ..., C) or any layout, floating (bfloat16/float16 allowed: statistics
         in float32, output in x's dtype).
@@ -200,22 +310,26 @@ def batch_norm(
         is ``momentum=0.9`` here.
       epsilon: added to the variance.
       average: ``"ema"`` or ``"cumulative"`` (PyTorch's ``momentum=None``).
-      unbiased: update the running variance with ``m/(m-1)`` times the batch's.
+      unbiased: update the running variance with ``m/(m-1)`` times the batch's
+        (per ghost batch, with its own m).
       mask: bool, broadcasts to ``x`` (e.g. (N, 1) for (N, C)); True marks values
         that count. Masked values (NaN included) reach neither the statistics nor
         their gradients; their outputs are normalized with the same statistics.
+        A ghost batch without valid values is left out of the running statistics.
       axis_name: named axis (shard_map, pmap, vmap) to synchronize statistics over.
       axis_index_groups: groups of ``axis_name`` indices that synchronize among themselves.
       ghost_batch_size: normalize each consecutive group of this many examples
-        (axis 0) with its own statistics; the running statistics take the mean
-        of the groups'.
+        (axis 0, which must not be a feature axis and which it must divide) with
+        its own statistics; the running statistics take the mean of the groups'.
+        Not combinable with ``axis_name``.
 
     Returns:
       ``(y, new_stats)``: y of x's shape and dtype; new :class:`BatchStats`.
 
     Raises:
       ValueError: bad axes, shapes, mask, option values, a traced ``training``,
-        non-floating input, or training with one value per feature.
+        non-floating input, training with one value per feature (per ghost
+        batch), or a ``ghost_batch_size`` that does not divide the batch.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxnorm as jn
@@ -225,28 +339,20 @@ def batch_norm(
       >>> bool(jnp.allclose(y.mean(0), 0, atol=1e-5)), int(stats.count)
       (True, 1)
       >>> y_eval, _ = jn.batch_norm(x, stats, training=False)
+      >>> y, _ = jn.batch_norm(x, stats, training=True, ghost_batch_size=4)
+      >>> bool(jnp.allclose(y[:4].mean(0), 0, atol=1e-5))
+      True
     """
     fn = "batch_norm"
     training = check_options(fn, training, average)
+    errors.check_ghost_batch_size(fn, ghost_batch_size)
     x, lay, mask = check_inputs(fn, x, stats, scale, bias, axis, mask)
     scale_b, bias_b = as_broadcast(scale, lay), as_broadcast(bias, lay)
     if not training:
-        return normalize(x, jnp.reshape(stats.mean, lay.broadcast_shape), jnp.reshape(stats.var, lay.broadcast_shape), scale_b, bias_b, epsilon=epsilon), stats
-    if ghost_batch_size is not None:
-        raise ValueError(
-            f"{fn}: `ghost_batch_size`={ghost_batch_size!r} is not supported yet; "
-            f"leave it None."
-        )
-    if axis_name is None:
-        errors.check_enough_values(fn, lay.values_per_feature, x.shape, axis)
-    x_hat, m = standardize(
-        x, lay.reduction_axes, epsilon=epsilon, mask=mask,
-        axis_name=axis_name, axis_index_groups=axis_index_groups,
+        return evaluate(x, stats, scale_b, bias_b, lay, epsilon), stats
+    x_hat, m, _ = batch_standardize(
+        fn, x, lay, mask, axis=axis, epsilon=epsilon, axis_name=axis_name,
+        axis_index_groups=axis_index_groups, ghost_batch_size=ghost_batch_size,
     )
-    y = affine(x_hat, scale_b, bias_b, x.dtype)
-    feature = lambda a: jnp.reshape(jnp.broadcast_to(a, m.var.shape), lay.feature_shape)  # noqa: E731
-    new_stats = update_stats(
-        stats, feature(m.mean), feature(m.var), feature(m.count),
-        momentum=momentum, average=average, unbiased=unbiased,
-    )
-    return y, jax.tree.map(jax.lax.stop_gradient, new_stats)
+    y = affine(jnp.reshape(x_hat, x.shape), scale_b, bias_b, x.dtype)
+    return y, fold_batch(stats, m, lay, momentum=momentum, average=average, unbiased=unbiased)

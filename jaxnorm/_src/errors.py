@@ -156,3 +156,65 @@ def check_positive(fn: str, name: str, value: Any) -> None:
         return
     if not np.all(np.asarray(value) > 0):
         raise ValueError(f"{fn}: `{name}` must be > 0, got {value!r}.")
+
+
+def check_at_least(fn: str, name: str, value: Any, minimum: float, fix: str) -> None:
+    """Raises for a static number below ``minimum`` (traced values pass unchecked)."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    if not np.all(np.asarray(value) >= minimum):
+        raise ValueError(f"{fn}: `{name}` must be >= {minimum}, got {value!r}; {fix}.")
+
+
+def check_ghost_batch_size(
+    fn: str,
+    ghost_batch_size: Any,
+    x_shape: tuple[int, ...] | None = None,
+    feature_axes: tuple[int, ...] = (),
+    per_example: int = 1,
+    axis_name: Any = None,
+) -> int | None:
+    """Checks ``ghost_batch_size`` (always its type; with ``x_shape``, also against ``x``).
+
+    Ghost batches split axis 0 into consecutive groups of ``ghost_batch_size``
+    examples, so axis 0 must be a reduced (batch) axis, the size must divide it,
+    and each group must hold two or more values per feature.
+    """
+    k = ghost_batch_size
+    if k is None:
+        return None
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(
+            f"{fn}: `ghost_batch_size` must be a positive Python int or None, got {k!r}; "
+            f"pass e.g. `ghost_batch_size=16`."
+        )
+    k = int(k)
+    if x_shape is None:
+        return k
+    if axis_name is not None:
+        raise ValueError(
+            f"{fn}: `ghost_batch_size`={k} cannot be combined with `axis_name`={axis_name!r}: "
+            f"ghost batches are local to one device by definition; drop `axis_name` (each "
+            f"device then normalizes its own ghost batches) or drop `ghost_batch_size`."
+        )
+    if 0 in feature_axes:
+        raise ValueError(
+            f"{fn}: `ghost_batch_size`={k} splits axis 0 of `x` (shape {tuple(x_shape)}) "
+            f"into ghost batches, but axis 0 is a feature axis here; put the batch first "
+            f"or leave `ghost_batch_size=None`."
+        )
+    n = x_shape[0]
+    if n % k:
+        divisors = ", ".join(str(d) for d in range(2, n + 1) if n % d == 0)
+        raise ValueError(
+            f"{fn}: `ghost_batch_size`={k} must divide the batch of {n} examples (axis 0 "
+            f"of `x`, shape {tuple(x_shape)}); pass a divisor of {n} ({divisors}) or pad "
+            f"the batch to a multiple of {k}."
+        )
+    if k * per_example < 2:
+        raise ValueError(
+            f"{fn}: ghost batches of `ghost_batch_size`={k} example(s) of `x` (shape "
+            f"{tuple(x_shape)}) give {k * per_example} value per feature, too few to "
+            f"estimate a variance; use `ghost_batch_size` >= 2."
+        )
+    return k
