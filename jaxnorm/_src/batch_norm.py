@@ -175,6 +175,7 @@ def batch_norm(
     axis_name: Any = None,
     axis_index_groups: Any = None,
     ghost_batch_size: int | None = None,
+    dtype: Any = None,
 ) -> tuple[Array, BatchStats]:
     """Batch normalization (Ioffe & Szegedy 2015, Algorithms 1 and 2).
 
@@ -209,9 +210,10 @@ def batch_norm(
       ghost_batch_size: normalize each consecutive group of this many examples
         (axis 0) with its own statistics; the running statistics take the mean
         of the groups'.
+      dtype: dtype of ``y``; default x's dtype (flax's ``dtype`` field).
 
     Returns:
-      ``(y, new_stats)``: y of x's shape and dtype; new :class:`BatchStats`.
+      ``(y, new_stats)``: y of x's shape and dtype (or ``dtype``); new :class:`BatchStats`.
 
     Raises:
       ValueError: bad axes, shapes, mask, option values, a traced ``training``,
@@ -230,8 +232,9 @@ def batch_norm(
     training = check_options(fn, training, average)
     x, lay, mask = check_inputs(fn, x, stats, scale, bias, axis, mask)
     scale_b, bias_b = as_broadcast(scale, lay), as_broadcast(bias, lay)
+    out_dtype = x.dtype if dtype is None else dtype
     if not training:
-        return normalize(x, jnp.reshape(stats.mean, lay.broadcast_shape), jnp.reshape(stats.var, lay.broadcast_shape), scale_b, bias_b, epsilon=epsilon), stats
+        return normalize(x, jnp.reshape(stats.mean, lay.broadcast_shape), jnp.reshape(stats.var, lay.broadcast_shape), scale_b, bias_b, epsilon=epsilon, dtype=out_dtype), stats
     if ghost_batch_size is not None:
         raise ValueError(
             f"{fn}: `ghost_batch_size`={ghost_batch_size!r} is not supported yet; "
@@ -243,7 +246,7 @@ def batch_norm(
         x, lay.reduction_axes, epsilon=epsilon, mask=mask,
         axis_name=axis_name, axis_index_groups=axis_index_groups,
     )
-    y = affine(x_hat, scale_b, bias_b, x.dtype)
+    y = affine(x_hat, scale_b, bias_b, out_dtype)
     feature = lambda a: jnp.reshape(jnp.broadcast_to(a, m.var.shape), lay.feature_shape)  # noqa: E731
     new_stats = update_stats(
         stats, feature(m.mean), feature(m.var), feature(m.count),
