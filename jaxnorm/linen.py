@@ -64,6 +64,10 @@ Axes = Any
 
 __all__ = [
     "BatchNorm",
+    "GroupNorm",
+    "InstanceNorm",
+    "LayerNorm",
+    "RMSNorm",
     "from_flax_variables",
     "fresh_batch_stats",
     "override_average",
@@ -234,6 +238,256 @@ class BatchNorm(nn.Module):
         if training and not initializing:
             mean.value, var.value, count.value = new.mean, new.var, new.count
         return y
+
+
+def _params(mdl: nn.Module, shape: tuple[int, ...], use_scale: bool, use_bias: bool) -> tuple[Any, Any]:
+    """scale then bias, in flax's order (the order decides their init keys)."""
+    scale = mdl.param("scale", mdl.scale_init, shape, mdl.param_dtype) if use_scale else None
+    bias = mdl.param("bias", mdl.bias_init, shape, mdl.param_dtype) if use_bias else None
+    return scale, bias
+
+
+def _feature_shape(fn: str, x: Array, axes: Axes) -> tuple[int, ...]:
+    return tuple(jnp.shape(x)[a] for a in errors.canonical_axes(fn, "feature_axes", axes, jnp.shape(x)))
+
+
+class LayerNorm(nn.Module):
+    """Layer normalization (Ba, Kiros & Hinton 2016), drop-in for ``flax.linen.LayerNorm``.
+
+    Each example is standardized over ``reduction_axes``; ``scale`` and
+    ``bias`` have the shape of ``feature_axes``. Shapes: (N, C), (B, T, C),
+    (N, H, W, C); NCHW with ``reduction_axes=(1, 2, 3), feature_axes=1``.
+    Calls :func:`jaxnorm.layer_norm` once.
+
+    Attributes:
+      epsilon: added to the variance.
+      dtype: output dtype; default the promoted dtype of x and the params (flax's rule).
+      param_dtype: dtype of the parameters.
+      use_bias, use_scale: learn beta / gamma.
+      bias_init, scale_init: their initializers.
+      reduction_axes: axes the statistics are computed over.
+      feature_axes: axes the scale and bias span.
+      axis_name, axis_index_groups: also reduce over devices along this named
+        axis (features sharded across devices).
+      use_fast_variance, force_float32_reductions: accepted for flax
+        compatibility and ignored (always the stable two-pass variance with at
+        least float32 accumulation).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxnorm.linen as jnl
+      >>> x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+      >>> ln = jnl.LayerNorm()
+      >>> y, variables = ln.init_with_output(jax.random.key(1), x)
+      >>> variables["params"]["scale"].shape
+      (8,)
+    """
+
+    epsilon: float = 1e-6
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    reduction_axes: Axes = -1
+    feature_axes: Axes = -1
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        """Standardizes each example over ``reduction_axes``.
+
+        Args:
+          x: floating array.
+          mask: bool, broadcasts to x; True marks values that count.
+
+        Returns:
+          Array of x's shape.
+
+        Raises:
+          ValueError: bad axes, shapes or mask (from :func:`jaxnorm.layer_norm`).
+        """
+        shape = _feature_shape("jaxnorm.linen.LayerNorm", x, self.feature_axes)
+        scale, bias = _params(self, shape, self.use_scale, self.use_bias)
+        return jn.layer_norm(
+            x, scale, bias, axis=self.reduction_axes, epsilon=self.epsilon, mask=mask,
+            feature_axes=self.feature_axes, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, dtype=output_dtype(self.dtype, x, scale, bias),
+        )
+
+
+class RMSNorm(nn.Module):
+    """RMS normalization (Zhang & Sennrich 2019), drop-in for ``flax.linen.RMSNorm``.
+
+    ``y = x / sqrt(mean(x**2) + eps) * scale`` over ``reduction_axes``; calls
+    :func:`jaxnorm.rms_norm` once. Shapes as :class:`LayerNorm`.
+
+    Attributes:
+      reduction_axes: axes the mean square is computed over.
+      feature_axes: axes the scale spans.
+      (others): as in :class:`LayerNorm` (no bias).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxnorm.linen as jnl
+      >>> x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+      >>> y, variables = jnl.RMSNorm().init_with_output(jax.random.key(1), x)
+      >>> list(variables["params"])
+      ['scale']
+    """
+
+    epsilon: float = 1e-6
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_scale: bool = True
+    scale_init: Initializer = initializers.ones
+    reduction_axes: Axes = -1
+    feature_axes: Axes = -1
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        """RMS-normalizes each example over ``reduction_axes``.
+
+        Args:
+          x: floating array.
+          mask: bool, broadcasts to x; True marks values that count.
+
+        Returns:
+          Array of x's shape.
+
+        Raises:
+          ValueError: bad axes, shapes or mask (from :func:`jaxnorm.rms_norm`).
+        """
+        shape = _feature_shape("jaxnorm.linen.RMSNorm", x, self.feature_axes)
+        scale, _ = _params(self, shape, self.use_scale, False)
+        return jn.rms_norm(
+            x, scale, axis=self.reduction_axes, epsilon=self.epsilon, mask=mask,
+            feature_axes=self.feature_axes, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, dtype=output_dtype(self.dtype, x, scale),
+        )
+
+
+class GroupNorm(nn.Module):
+    """Group normalization (Wu & He 2018), drop-in for ``flax.linen.GroupNorm``.
+
+    x is (N, ..., C) with channels last, as in flax. Per example and group of
+    C/G channels, standardize over the group's channels and ``reduction_axes``
+    (default: every axis but the batch axis 0); calls :func:`jaxnorm.group_norm` once.
+
+    Attributes:
+      num_groups: G (default 32, the paper's); pass ``num_groups=None`` with ``group_size``.
+      group_size: C/G.
+      reduction_axes: axes reduced within a group; must include the last
+        (channel) axis. ``(-1,)`` on (B, T, C) normalizes each time step on its own.
+      (others): as in :class:`LayerNorm`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxnorm.linen as jnl
+      >>> x = jax.random.normal(jax.random.key(0), (2, 4, 4, 32))
+      >>> y, variables = jnl.GroupNorm(num_groups=8).init_with_output(jax.random.key(1), x)
+      >>> variables["params"]["bias"].shape
+      (32,)
+    """
+
+    num_groups: int | None = 32
+    group_size: int | None = None
+    epsilon: float = 1e-6
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    reduction_axes: Axes | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        """Group-normalizes x (N, ..., C).
+
+        Args:
+          x: floating array, channels last, batch axis 0.
+          mask: bool, broadcasts to x; True marks values that count.
+
+        Returns:
+          Array of x's shape.
+
+        Raises:
+          ValueError: neither or both of num_groups/group_size, a non-divisor,
+            bad axes, shapes or mask (from :func:`jaxnorm.group_norm`).
+        """
+        scale, bias = _params(self, (jnp.shape(x)[-1],), self.use_scale, self.use_bias)
+        return jn.group_norm(
+            x, scale, bias, num_groups=self.num_groups, group_size=self.group_size,
+            channel_axis=-1, reduction_axes=self.reduction_axes, epsilon=self.epsilon,
+            mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+            dtype=output_dtype(self.dtype, x, scale, bias),
+        )
+
+
+class InstanceNorm(nn.Module):
+    """Instance normalization (Ulyanov et al. 2016), drop-in for ``flax.linen.InstanceNorm``.
+
+    Per example and feature (``feature_axes``), standardize over every other
+    non-batch axis: (N, H, W, C) by default, NCHW with ``feature_axes=1``.
+    Calls :func:`jaxnorm.instance_norm` once.
+
+    Attributes:
+      feature_axes: kept axis or axes (never 0, the batch axis); scale and bias span them.
+      (others): as in :class:`LayerNorm`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxnorm.linen as jnl
+      >>> x = jax.random.normal(jax.random.key(0), (2, 3, 8, 8))
+      >>> y, variables = jnl.InstanceNorm(feature_axes=1).init_with_output(jax.random.key(1), x)
+      >>> variables["params"]["scale"].shape
+      (3,)
+    """
+
+    epsilon: float = 1e-6
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    feature_axes: Axes = -1
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        """Instance-normalizes x.
+
+        Args:
+          x: floating array, batch axis 0.
+          mask: bool, broadcasts to x; True marks values that count.
+
+        Returns:
+          Array of x's shape.
+
+        Raises:
+          ValueError: a feature axis that is the batch axis, bad shapes or mask
+            (from :func:`jaxnorm.instance_norm`).
+        """
+        shape = _feature_shape("jaxnorm.linen.InstanceNorm", x, self.feature_axes)
+        scale, bias = _params(self, shape, self.use_scale, self.use_bias)
+        return jn.instance_norm(
+            x, scale, bias, channel_axis=self.feature_axes, epsilon=self.epsilon, mask=mask,
+            axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+            dtype=output_dtype(self.dtype, x, scale, bias),
+        )
 
 
 def _map_batch_stats(tree: Any, fn: Any) -> Any:

@@ -33,6 +33,7 @@ from flax.nnx.nn import dtypes, initializers
 
 import jaxnorm as jn
 from jaxnorm._src import errors
+from jaxnorm._src.group_norm import check_groups
 from jaxnorm.linen import current_average
 
 Array = jax.Array
@@ -42,6 +43,10 @@ Axes = Any
 
 __all__ = [
     "BatchNorm",
+    "GroupNorm",
+    "InstanceNorm",
+    "LayerNorm",
+    "RMSNorm",
     "reset_batch_stats",
 ]
 
@@ -186,6 +191,337 @@ class BatchNorm(nnx.Module):
         """Used by ``nnx.view``: sets ``use_running_average`` when given."""
         if use_running_average is not None:
             self.use_running_average = use_running_average
+
+
+class _Stateless(nnx.Module):
+    """Holds scale/bias and the options shared by the per-example norms."""
+
+    def _init_common(
+        self, num_features: int, *, epsilon: float, dtype: Dtype | None, param_dtype: Dtype,
+        use_bias: bool | None, use_scale: bool, bias_init: Initializer, scale_init: Initializer,
+        axis_name: Any, axis_index_groups: Any, use_fast_variance: bool, promote_dtype: Any,
+        rngs: nnx.Rngs, bias_metadata: Mapping[str, Any], scale_metadata: Mapping[str, Any],
+    ) -> None:
+        shape = (num_features,)
+        self.scale = _param(scale_init, rngs, shape, param_dtype, scale_metadata, use_scale)
+        if use_bias is not None:  # None: the layer has no bias at all (RMSNorm)
+            self.bias = _param(bias_init, rngs, shape, param_dtype, bias_metadata, use_bias)
+            self.use_bias = use_bias
+        self.num_features = num_features
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_scale = use_scale
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.use_fast_variance = use_fast_variance
+        self.promote_dtype = promote_dtype
+
+    def _promoted(self, x: Array) -> tuple[Array, Any, Any]:
+        return self.promote_dtype((x, _value(self.scale), _value(self.bias)), dtype=self.dtype)
+
+
+class LayerNorm(_Stateless):
+    """Layer normalization (Ba, Kiros & Hinton 2016), drop-in for ``flax.nnx.LayerNorm``.
+
+    Each example is standardized over ``reduction_axes``; scale and bias (of
+    ``num_features``) sit on ``feature_axes``. Calls :func:`jaxnorm.layer_norm` once.
+
+    Args:
+      num_features: size of the feature axis.
+      reduction_axes: axes the statistics are computed over.
+      feature_axes: the axis the scale and bias span.
+      epsilon: added to the variance.
+      dtype: output dtype (and the dtype x and params are promoted to).
+      param_dtype: dtype of the parameters.
+      use_bias, use_scale: learn beta / gamma.
+      bias_init, scale_init: their initializers.
+      axis_name, axis_index_groups: also reduce over devices along this named axis.
+      use_fast_variance: accepted for flax compatibility and ignored (always
+        the stable two-pass variance).
+      promote_dtype: flax's dtype-promotion function, applied to x and the params.
+      rngs: ``nnx.Rngs`` for the initializers.
+      bias_metadata, scale_metadata: metadata for the ``nnx.Param`` variables.
+
+    Example:
+      >>> import jax, jaxnorm.nnx as jnx
+      >>> from flax import nnx
+      >>> ln = jnx.LayerNorm(8, rngs=nnx.Rngs(0))
+      >>> ln(jax.random.normal(jax.random.key(0), (2, 5, 8))).shape
+      (2, 5, 8)
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        epsilon: float = 1e-6,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Initializer = initializers.zeros_init(),
+        scale_init: Initializer = initializers.ones_init(),
+        reduction_axes: Axes = -1,
+        feature_axes: Axes = -1,
+        axis_name: str | None = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = True,
+        promote_dtype: Any = dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = _EMPTY,
+        scale_metadata: Mapping[str, Any] = _EMPTY,
+    ):
+        self._init_common(
+            num_features, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
+            use_bias=use_bias, use_scale=use_scale, bias_init=bias_init, scale_init=scale_init,
+            axis_name=axis_name, axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance, promote_dtype=promote_dtype, rngs=rngs,
+            bias_metadata=bias_metadata, scale_metadata=scale_metadata,
+        )
+        self.reduction_axes = reduction_axes
+        self.feature_axes = feature_axes
+
+    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        """Standardizes each example over ``reduction_axes``.
+
+        Args:
+          x: floating array.
+          mask: bool, broadcasts to x; True marks values that count.
+
+        Returns:
+          Array of x's shape.
+
+        Raises:
+          ValueError: bad axes, shapes or mask (from :func:`jaxnorm.layer_norm`).
+        """
+        x, scale, bias = self._promoted(x)
+        return jn.layer_norm(
+            x, scale, bias, axis=self.reduction_axes, epsilon=self.epsilon, mask=mask,
+            feature_axes=self.feature_axes, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, dtype=self.dtype,
+        )
+
+
+class RMSNorm(_Stateless):
+    """RMS normalization (Zhang & Sennrich 2019), drop-in for ``flax.nnx.RMSNorm``.
+
+    ``y = x / sqrt(mean(x**2) + eps) * scale`` over ``reduction_axes``; calls
+    :func:`jaxnorm.rms_norm` once.
+
+    Args:
+      num_features: size of the feature axis.
+      reduction_axes: axes the mean square is computed over.
+      feature_axes: the axis the scale spans.
+      (others): as :class:`LayerNorm` (no bias).
+
+    Example:
+      >>> import jax, jaxnorm.nnx as jnx
+      >>> from flax import nnx
+      >>> jnx.RMSNorm(8, rngs=nnx.Rngs(0))(jax.numpy.ones((2, 8))).shape
+      (2, 8)
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        epsilon: float = 1e-6,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        use_scale: bool = True,
+        scale_init: Initializer = initializers.ones,
+        reduction_axes: Axes = -1,
+        feature_axes: Axes = -1,
+        axis_name: str | None = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = True,
+        promote_dtype: Any = dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        scale_metadata: Mapping[str, Any] = _EMPTY,
+    ):
+        self._init_common(
+            num_features, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
+            use_bias=None, use_scale=use_scale, bias_init=None, scale_init=scale_init,
+            axis_name=axis_name, axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance, promote_dtype=promote_dtype, rngs=rngs,
+            bias_metadata=_EMPTY, scale_metadata=scale_metadata,
+        )
+        self.reduction_axes = reduction_axes
+        self.feature_axes = feature_axes
+
+    def __call__(self, x: Array, mask: Array | None = None) -> Array:
+        """RMS-normalizes each example over ``reduction_axes``.
+
+        Args:
+          x: floating array.
+          mask: bool, broadcasts to x; True marks values that count.
+
+        Returns:
+          Array of x's shape.
+
+        Raises:
+          ValueError: bad axes, shapes or mask (from :func:`jaxnorm.rms_norm`).
+        """
+        x, scale = self.promote_dtype((x, _value(self.scale)), dtype=self.dtype)
+        return jn.rms_norm(
+            x, scale, axis=self.reduction_axes, epsilon=self.epsilon, mask=mask,
+            feature_axes=self.feature_axes, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, dtype=self.dtype,
+        )
+
+
+class GroupNorm(_Stateless):
+    """Group normalization (Wu & He 2018), drop-in for ``flax.nnx.GroupNorm``.
+
+    x is (N, ..., C), channels last. Per example and group of C/G channels,
+    standardize over the group's channels and ``reduction_axes`` (default every
+    axis but 0). Unlike ``flax.nnx.GroupNorm`` 0.12, ``reduction_axes=(-1,)`` on
+    (B, T, C) is right (each time step on its own, as ``flax.linen`` does).
+    Calls :func:`jaxnorm.group_norm` once.
+
+    Args:
+      num_features: C.
+      num_groups: G (default 32); pass ``num_groups=None`` with ``group_size``.
+      group_size: C/G.
+      reduction_axes: axes reduced within a group; must include the last axis.
+      (others): as :class:`LayerNorm`.
+
+    Raises:
+      ValueError: neither or both of num_groups/group_size, or a non-divisor of C.
+
+    Example:
+      >>> import jax, jaxnorm.nnx as jnx
+      >>> from flax import nnx
+      >>> gn = jnx.GroupNorm(32, num_groups=8, rngs=nnx.Rngs(0))
+      >>> gn(jax.random.normal(jax.random.key(0), (2, 4, 4, 32))).shape
+      (2, 4, 4, 32)
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        num_groups: int | None = 32,
+        group_size: int | None = None,
+        *,
+        epsilon: float = 1e-6,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Initializer = initializers.zeros_init(),
+        scale_init: Initializer = initializers.ones_init(),
+        reduction_axes: Axes | None = None,
+        axis_name: str | None = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = True,
+        promote_dtype: Any = dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = _EMPTY,
+        scale_metadata: Mapping[str, Any] = _EMPTY,
+    ):
+        groups = check_groups("jaxnorm.nnx.GroupNorm", num_features, num_groups, group_size)
+        self._init_common(
+            num_features, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
+            use_bias=use_bias, use_scale=use_scale, bias_init=bias_init, scale_init=scale_init,
+            axis_name=axis_name, axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance, promote_dtype=promote_dtype, rngs=rngs,
+            bias_metadata=bias_metadata, scale_metadata=scale_metadata,
+        )
+        self.num_groups = groups
+        self.group_size = num_features // groups
+        self.reduction_axes = reduction_axes
+        self.feature_axis = -1
+
+    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        """Group-normalizes x (N, ..., C).
+
+        Args:
+          x: floating array, channels last, batch axis 0.
+          mask: bool, broadcasts to x; True marks values that count.
+
+        Returns:
+          Array of x's shape.
+
+        Raises:
+          ValueError: bad axes, shapes or mask (from :func:`jaxnorm.group_norm`).
+        """
+        x, scale, bias = self._promoted(x)
+        return jn.group_norm(
+            x, scale, bias, num_groups=self.num_groups, channel_axis=self.feature_axis,
+            reduction_axes=self.reduction_axes, epsilon=self.epsilon, mask=mask,
+            axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
+        )
+
+
+class InstanceNorm(_Stateless):
+    """Instance normalization (Ulyanov et al. 2016), drop-in for ``flax.nnx.InstanceNorm``.
+
+    Per example and channel (``feature_axes``), standardize over every other
+    non-batch axis: (N, H, W, C) by default, NCHW with ``feature_axes=1``.
+    Calls :func:`jaxnorm.instance_norm` once.
+
+    Args:
+      num_features: C.
+      feature_axes: the kept channel axis (never 0).
+      (others): as :class:`LayerNorm`.
+
+    Example:
+      >>> import jax, jaxnorm.nnx as jnx
+      >>> from flax import nnx
+      >>> inorm = jnx.InstanceNorm(3, feature_axes=1, rngs=nnx.Rngs(0))
+      >>> inorm(jax.random.normal(jax.random.key(0), (2, 3, 8, 8))).shape
+      (2, 3, 8, 8)
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        epsilon: float = 1e-6,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Initializer = initializers.zeros,
+        scale_init: Initializer = initializers.ones,
+        feature_axes: Axes = -1,
+        axis_name: str | None = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = True,
+        promote_dtype: Any = dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = _EMPTY,
+        scale_metadata: Mapping[str, Any] = _EMPTY,
+    ):
+        self._init_common(
+            num_features, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
+            use_bias=use_bias, use_scale=use_scale, bias_init=bias_init, scale_init=scale_init,
+            axis_name=axis_name, axis_index_groups=axis_index_groups,
+            use_fast_variance=use_fast_variance, promote_dtype=promote_dtype, rngs=rngs,
+            bias_metadata=bias_metadata, scale_metadata=scale_metadata,
+        )
+        self.feature_axes = feature_axes
+
+    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        """Instance-normalizes x.
+
+        Args:
+          x: floating array, batch axis 0.
+          mask: bool, broadcasts to x; True marks values that count.
+
+        Returns:
+          Array of x's shape.
+
+        Raises:
+          ValueError: a feature axis that is the batch axis, bad shapes or mask
+            (from :func:`jaxnorm.instance_norm`).
+        """
+        x, scale, bias = self._promoted(x)
+        return jn.instance_norm(
+            x, scale, bias, channel_axis=self.feature_axes, epsilon=self.epsilon, mask=mask,
+            axis_name=self.axis_name, axis_index_groups=self.axis_index_groups, dtype=self.dtype,
+        )
 
 
 def reset_batch_stats(model: nnx.Module) -> None:
