@@ -249,10 +249,15 @@ def fold_batch(
     return jax.tree.map(jax.lax.stop_gradient, new_stats)
 
 
-def evaluate(x: Array, stats: BatchStats, scale: Array | None, bias: Array | None, lay: Layout, epsilon: float) -> Array:
+def evaluate(
+    x: Array, stats: BatchStats, scale: Array | None, bias: Array | None, lay: Layout, epsilon: float, dtype: Any
+) -> Array:
     """Algorithm 2: normalize by the running statistics (scale and bias already broadcast)."""
     shape = lay.broadcast_shape
-    return normalize(x, jnp.reshape(stats.mean, shape), jnp.reshape(stats.var, shape), scale, bias, epsilon=epsilon)
+    return normalize(
+        x, jnp.reshape(stats.mean, shape), jnp.reshape(stats.var, shape), scale, bias,
+        epsilon=epsilon, dtype=dtype,
+    )
 
 
 def check_options(fn: str, training: Any, average: str | None = None) -> bool:
@@ -278,6 +283,7 @@ def batch_norm(
     axis_name: Any = None,
     axis_index_groups: Any = None,
     ghost_batch_size: int | None = None,
+    dtype: Any = None,
 ) -> tuple[Array, BatchStats]:
     """Batch normalization (Ioffe & Szegedy 2015, Algorithms 1 and 2).
 
@@ -322,9 +328,10 @@ def batch_norm(
         (axis 0, which must not be a feature axis and which it must divide) with
         its own statistics; the running statistics take the mean of the groups'.
         Not combinable with ``axis_name``.
+      dtype: dtype of ``y``; default x's dtype (flax's ``dtype`` field).
 
     Returns:
-      ``(y, new_stats)``: y of x's shape and dtype; new :class:`BatchStats`.
+      ``(y, new_stats)``: y of x's shape and dtype (or ``dtype``); new :class:`BatchStats`.
 
     Raises:
       ValueError: bad axes, shapes, mask, option values, a traced ``training``,
@@ -348,11 +355,12 @@ def batch_norm(
     errors.check_ghost_batch_size(fn, ghost_batch_size)
     x, lay, mask = check_inputs(fn, x, stats, scale, bias, axis, mask)
     scale_b, bias_b = as_broadcast(scale, lay), as_broadcast(bias, lay)
+    out_dtype = x.dtype if dtype is None else dtype
     if not training:
-        return evaluate(x, stats, scale_b, bias_b, lay, epsilon), stats
+        return evaluate(x, stats, scale_b, bias_b, lay, epsilon, out_dtype), stats
     x_hat, m, _ = batch_standardize(
         fn, x, lay, mask, axis=axis, epsilon=epsilon, axis_name=axis_name,
         axis_index_groups=axis_index_groups, ghost_batch_size=ghost_batch_size,
     )
-    y = affine(jnp.reshape(x_hat, x.shape), scale_b, bias_b, x.dtype)
+    y = affine(jnp.reshape(x_hat, x.shape), scale_b, bias_b, out_dtype)
     return y, fold_batch(stats, m, lay, momentum=momentum, average=average, unbiased=unbiased)

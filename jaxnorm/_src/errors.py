@@ -158,6 +158,25 @@ def check_positive(fn: str, name: str, value: Any) -> None:
         raise ValueError(f"{fn}: `{name}` must be > 0, got {value!r}.")
 
 
+def merge_call_option(fn: str, name: str, field: Any, call: Any, *, example: str, call_example: str) -> Any:
+    """Returns the one of ``field`` (constructor) and ``call`` (call time) that is set.
+
+    Flax's ``merge_param`` rule: an option given in both places, or in neither,
+    is an error; the message shows both ways of passing it.
+    """
+    if field is not None and call is not None:
+        raise ValueError(
+            f"{fn}: `{name}` was passed both to the constructor ({field!r}) and at call "
+            f"time ({call!r}); pass it once, either as `{example}` or as `{call_example}`."
+        )
+    if field is None and call is None:
+        raise ValueError(
+            f"{fn}: `{name}` was passed neither to the constructor nor at call time; "
+            f"pass it once, either as `{example}` or as `{call_example}`."
+        )
+    return field if field is not None else call
+
+
 def check_at_least(fn: str, name: str, value: Any, minimum: float, fix: str) -> None:
     """Raises for a static number below ``minimum`` (traced values pass unchecked)."""
     if isinstance(value, jax.core.Tracer):

@@ -21,20 +21,21 @@ from jaxnorm._src.normalize import affine, standardize
 Array = jax.Array
 
 
-def _groups(fn: str, x_shape: tuple[int, ...], channel: int, num_groups: Any, group_size: Any) -> int:
-    channels = x_shape[channel]
+def check_groups(fn: str, channels: int, num_groups: Any, group_size: Any, x_shape: Any = None) -> int:
+    """The number of groups G; raises unless exactly one of num_groups/group_size divides C."""
+    shape = f"(..., {channels})" if x_shape is None else str(tuple(x_shape))
     if (num_groups is None) == (group_size is None):
         raise ValueError(
             f"{fn}: pass exactly one of `num_groups` and `group_size`, got "
             f"num_groups={num_groups!r}, group_size={group_size!r}; e.g. `num_groups=32` "
-            f"or `group_size=16` for the {channels} channels of `x` (shape {x_shape})."
+            f"or `group_size=16` for the {channels} channels of `x` (shape {shape})."
         )
     name, value = ("num_groups", num_groups) if num_groups is not None else ("group_size", group_size)
     if not isinstance(value, int) or isinstance(value, bool) or value < 1 or channels % value:
         other = "`group_size=`" if name == "num_groups" else "`num_groups=`"
         raise ValueError(
             f"{fn}: `{name}`={value!r} must divide the {channels} channels of `x` (shape "
-            f"{x_shape}); pass a divisor of {channels} or {other}."
+            f"{shape}); pass a divisor of {channels} or {other}."
         )
     return num_groups if num_groups is not None else channels // group_size
 
@@ -47,10 +48,13 @@ def _group_norm(
     *,
     num_groups: Any,
     group_size: Any,
-    channel_axis: int,
+    channel_axis: Any,
     reduction_axes: Any,
     epsilon: float,
     mask: Any,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    dtype: Any = None,
 ) -> Array:
     errors.check_floating(fn, x)
     x = jnp.asarray(x)
@@ -59,37 +63,53 @@ def _group_norm(
             f"{fn}: `x` must have a batch axis and a channel axis, got shape {x.shape}; "
             f"add a batch axis, e.g. `x[None]`."
         )
-    (channel,) = errors.canonical_axes(fn, "channel_axis", channel_axis, x.shape)
-    if channel == 0:
+    channel_axes = errors.canonical_axes(fn, "channel_axis", channel_axis, x.shape)
+    if 0 in channel_axes:
         raise ValueError(
-            f"{fn}: `channel_axis`={channel_axis!r} is the batch axis 0 of `x` (shape "
+            f"{fn}: `channel_axis`={channel_axis!r} includes the batch axis 0 of `x` (shape "
             f"{x.shape}); the channel axis must be another one, e.g. -1 (NHWC) or 1 (NCHW)."
         )
     if reduction_axes is None:
         axes = tuple(range(1, x.ndim))
     else:
         axes = errors.canonical_axes(fn, "reduction_axes", reduction_axes, x.shape)
-        if channel not in axes:
+        if not set(channel_axes) <= set(axes):
             raise ValueError(
                 f"{fn}: `reduction_axes`={reduction_axes!r} must include the channel axis "
-                f"{channel} of `x` (shape {x.shape}), since groups span channels; add it, "
-                f"e.g. `reduction_axes={tuple(sorted(set(axes) | {channel}))}`."
+                f"{channel_axes[0]} of `x` (shape {x.shape}), since groups span channels; add it, "
+                f"e.g. `reduction_axes={tuple(sorted(set(axes) | set(channel_axes)))}`."
             )
-    groups = _groups(fn, x.shape, channel, num_groups, group_size)
-    channels = x.shape[channel]
+    channel_shape = tuple(x.shape[a] for a in channel_axes)
     for name, value in (("scale", scale), ("bias", bias)):
-        errors.check_param_shape(fn, name, value, [(channels,)], x.shape)
+        errors.check_param_shape(fn, name, value, [channel_shape], x.shape)
     mask = errors.check_mask(fn, mask, x.shape)
-
-    # (..., C, ...) -> (..., G, C // G, ...): reduce the within-group axis too.
-    split = x.shape[:channel] + (groups, channels // groups) + x.shape[channel + 1:]
-    grouped_axes = tuple(a if a < channel else a + 1 for a in axes if a != channel) + (channel + 1,)
+    if len(channel_axes) == 1:
+        (channel,) = channel_axes
+        groups = check_groups(fn, x.shape[channel], num_groups, group_size, x.shape)
+        channels = x.shape[channel]
+        # (..., C, ...) -> (..., G, C // G, ...): reduce the within-group axis too.
+        split = x.shape[:channel] + (groups, channels // groups) + x.shape[channel + 1:]
+        grouped_axes = tuple(a if a < channel else a + 1 for a in axes if a != channel) + (channel + 1,)
+    else:
+        if num_groups is not None or group_size != 1:
+            raise ValueError(
+                f"{fn}: `channel_axis`={channel_axis!r} must be a single axis to split into "
+                f"groups (x has shape {x.shape}); pass one axis, e.g. `channel_axis=-1`."
+            )
+        # Several channel axes (flax InstanceNorm's tuple `feature_axes`): one
+        # group per channel, so no split; each is standardized over the rest.
+        split = x.shape
+        grouped_axes = tuple(a for a in axes if a not in channel_axes)
     if mask is not None:
         mask = jnp.broadcast_to(mask, x.shape).reshape(split)
-    x_hat, _ = standardize(x.reshape(split), tuple(sorted(grouped_axes)), epsilon=epsilon, mask=mask)
-    param_shape = tuple(channels if a == channel else 1 for a in range(x.ndim))
+    x_hat, _ = standardize(
+        x.reshape(split), tuple(sorted(grouped_axes)), epsilon=epsilon, mask=mask,
+        axis_name=axis_name, axis_index_groups=axis_index_groups,
+    )
+    param_shape = tuple(x.shape[a] if a in channel_axes else 1 for a in range(x.ndim))
     as_param = lambda p: None if p is None else jnp.reshape(p, param_shape)  # noqa: E731
-    return affine(x_hat.reshape(x.shape), as_param(scale), as_param(bias), x.dtype)
+    out_dtype = x.dtype if dtype is None else dtype
+    return affine(x_hat.reshape(x.shape), as_param(scale), as_param(bias), out_dtype)
 
 
 def group_norm(
@@ -103,6 +123,9 @@ def group_norm(
     reduction_axes: int | tuple[int, ...] | None = None,
     epsilon: float = 1e-6,
     mask: Array | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    dtype: Any = None,
 ) -> Array:
     """Group normalization (Wu & He 2018).
 
@@ -121,6 +144,9 @@ def group_norm(
         time step on its own, as flax's field does.
       epsilon: added to the variance.
       mask: bool, broadcasts to x; True marks values that count.
+      axis_name, axis_index_groups: also reduce over devices along this named
+        axis, as flax's fields.
+      dtype: output dtype; default x's dtype.
 
     Returns:
       Array of x's shape and dtype.
@@ -138,6 +164,7 @@ def group_norm(
     return _group_norm(
         "group_norm", x, scale, bias, num_groups=num_groups, group_size=group_size,
         channel_axis=channel_axis, reduction_axes=reduction_axes, epsilon=epsilon, mask=mask,
+        axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=dtype,
     )
 
 
@@ -146,9 +173,12 @@ def instance_norm(
     scale: Array | None = None,
     bias: Array | None = None,
     *,
-    channel_axis: int = -1,
+    channel_axis: int | tuple[int, ...] = -1,
     epsilon: float = 1e-6,
     mask: Array | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    dtype: Any = None,
 ) -> Array:
     """Instance normalization (Ulyanov et al. 2016): group norm with one channel per group.
 
@@ -156,10 +186,14 @@ def instance_norm(
 
     Args:
       x: (N, ..., C) or (N, C, ...) with ``channel_axis=1``; floating.
-      scale, bias: optional (C,).
-      channel_axis: the channel axis.
+      scale, bias: optional (C,), or ``x.shape[channel_axis]`` for several axes.
+      channel_axis: the channel axis, or a tuple of axes that are all kept
+        (flax InstanceNorm's ``feature_axes``); every other non-batch axis is reduced.
       epsilon: added to the variance.
       mask: bool, broadcasts to x; True marks values that count.
+      axis_name, axis_index_groups: also reduce over devices along this named
+        axis, as flax's fields.
+      dtype: output dtype; default x's dtype.
 
     Returns:
       Array of x's shape and dtype.
@@ -176,4 +210,5 @@ def instance_norm(
     return _group_norm(
         "instance_norm", x, scale, bias, num_groups=None, group_size=1,
         channel_axis=channel_axis, reduction_axes=None, epsilon=epsilon, mask=mask,
+        axis_name=axis_name, axis_index_groups=axis_index_groups, dtype=dtype,
     )

@@ -37,13 +37,25 @@ def check_broadcast_param(fn: str, name: str, param: Any, x_shape: tuple[int, ..
         )
 
 
-def _prepare(fn: str, x: Any, axis: Any, mask: Any, params: dict[str, Any]) -> tuple[Array, tuple[int, ...], Array | None]:
+def _prepare(
+    fn: str, x: Any, axis: Any, mask: Any, params: dict[str, Any], feature_axes: Any,
+) -> tuple[Array, tuple[int, ...], Array | None, dict[str, Any]]:
     errors.check_floating(fn, x)
     x = jnp.asarray(x)
     axes = errors.canonical_axes(fn, "axis", axis, x.shape)
-    for name, value in params.items():
-        check_broadcast_param(fn, name, value, x.shape, axes)
-    return x, axes, errors.check_mask(fn, mask, x.shape)
+    if feature_axes is None:
+        for name, value in params.items():
+            check_broadcast_param(fn, name, value, x.shape, axes)
+    else:
+        # flax's `feature_axes`: parameters span these axes of x (e.g. C at
+        # axis 1 of NCHW) and are placed on them, not broadcast from the right.
+        kept = errors.canonical_axes(fn, "feature_axes", feature_axes, x.shape)
+        shape = tuple(x.shape[a] for a in kept)
+        where = tuple(x.shape[a] if a in kept else 1 for a in range(x.ndim))
+        for name, value in params.items():
+            errors.check_param_shape(fn, name, value, [shape], x.shape)
+            params[name] = None if value is None else jnp.reshape(value, where)
+    return x, axes, errors.check_mask(fn, mask, x.shape), params
 
 
 def layer_norm(
@@ -54,6 +66,10 @@ def layer_norm(
     axis: int | tuple[int, ...] = -1,
     epsilon: float = 1e-6,
     mask: Array | None = None,
+    feature_axes: int | tuple[int, ...] | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    dtype: Any = None,
 ) -> Array:
     """Layer normalization: each example standardized over the ``axis`` axes.
 
@@ -68,6 +84,13 @@ def layer_norm(
       epsilon: added to the variance.
       mask: bool, broadcasts to x; True marks values that count (e.g. valid
         features); masked values reach neither statistics nor gradients.
+      feature_axes: axes of x that scale and bias span, as flax's field: they then
+        have shape ``x.shape[feature_axes]`` and are placed on those axes (e.g.
+        ``feature_axes=1`` with (C,) parameters on NCHW). Default None: broadcast
+        from the right.
+      axis_name, axis_index_groups: also reduce over devices along this named
+        axis (model-parallel features), as flax's fields.
+      dtype: output dtype; default x's dtype.
 
     Returns:
       Array of x's shape and dtype (statistics in at least float32).
@@ -81,9 +104,11 @@ def layer_norm(
       >>> [round(v, 4) for v in y[0].tolist()]
       [-1.2247, 0.0, 1.2247]
     """
-    x, axes, mask = _prepare("layer_norm", x, axis, mask, {"scale": scale, "bias": bias})
-    x_hat, _ = standardize(x, axes, epsilon=epsilon, mask=mask)
-    return affine(x_hat, scale, bias, x.dtype)
+    x, axes, mask, p = _prepare("layer_norm", x, axis, mask, {"scale": scale, "bias": bias}, feature_axes)
+    x_hat, _ = standardize(
+        x, axes, epsilon=epsilon, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
+    )
+    return affine(x_hat, p["scale"], p["bias"], x.dtype if dtype is None else dtype)
 
 
 def rms_norm(
@@ -93,6 +118,10 @@ def rms_norm(
     axis: int | tuple[int, ...] = -1,
     epsilon: float = 1e-6,
     mask: Array | None = None,
+    feature_axes: int | tuple[int, ...] | None = None,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    dtype: Any = None,
 ) -> Array:
     """RMS normalization: ``y = x / sqrt(mean(x**2) + eps) * scale`` over ``axis``.
 
@@ -104,6 +133,13 @@ def rms_norm(
       axis: reduced axis or axes.
       epsilon: added to the mean square.
       mask: bool, broadcasts to x; True marks values that count.
+      feature_axes: axes of x that scale spans, as flax's field: it then
+        has shape ``x.shape[feature_axes]`` and is placed on those axes (e.g.
+        ``feature_axes=1`` with (C,) parameters on NCHW). Default None: broadcast
+        from the right.
+      axis_name, axis_index_groups: also reduce over devices along this named
+        axis (model-parallel features), as flax's fields.
+      dtype: output dtype; default x's dtype.
 
     Returns:
       Array of x's shape and dtype.
@@ -116,6 +152,9 @@ def rms_norm(
       >>> jn.rms_norm(jnp.array([[3., 4.]]), epsilon=0.0).round(4).tolist()
       [[0.8485, 1.1314]]
     """
-    x, axes, mask = _prepare("rms_norm", x, axis, mask, {"scale": scale})
-    x_hat, _ = standardize(x, axes, epsilon=epsilon, mask=mask, center=False)
-    return affine(x_hat, scale, None, x.dtype)
+    x, axes, mask, p = _prepare("rms_norm", x, axis, mask, {"scale": scale}, feature_axes)
+    x_hat, _ = standardize(
+        x, axes, epsilon=epsilon, mask=mask, center=False,
+        axis_name=axis_name, axis_index_groups=axis_index_groups,
+    )
+    return affine(x_hat, p["scale"], None, x.dtype if dtype is None else dtype)

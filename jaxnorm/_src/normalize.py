@@ -138,6 +138,7 @@ def normalize(
     bias: Array | None = None,
     *,
     epsilon: float,
+    dtype: Any = None,
 ) -> Array:
     """``(x - mean) / sqrt(var + epsilon) * scale + bias`` with given statistics.
 
@@ -152,9 +153,10 @@ def normalize(
       mean, var: statistics broadcasting to ``x``, e.g. (C,) for channels-last.
       scale, bias: optional, broadcasting to ``x``.
       epsilon: added to ``var``.
+      dtype: dtype of the result; default x's dtype (flax's ``dtype`` field).
 
     Returns:
-      Array of x's shape and dtype.
+      Array of x's shape and dtype (or ``dtype``).
 
     Raises:
       ValueError: non-floating inputs, or arguments that do not broadcast to ``x``.
@@ -187,4 +189,4 @@ def normalize(
     y = (x.astype(acc) - jnp.asarray(mean, acc)) * mul
     if bias is not None:
         y = y + jnp.asarray(bias, acc)
-    return y.astype(x.dtype)
+    return y.astype(x.dtype if dtype is None else dtype)

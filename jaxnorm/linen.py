@@ -1,0 +1,563 @@
+"""Flax linen layers over the jaxnorm core: drop-in for ``flax.linen``'s norms.
+
+``jaxnorm.linen.BatchNorm``, ``LayerNorm``, ``RMSNorm``, ``GroupNorm`` and
+``InstanceNorm`` take the constructor fields, defaults and variable names of the
+``flax.linen`` layers of the same name, so a model switches by changing its
+import. Each ``__call__`` only declares variables and calls the matching core
+function once (:func:`jaxnorm.batch_norm`, :func:`jaxnorm.layer_norm`, ...):
+every formula lives in ``jaxnorm/_src``.
+
+Variables:
+
+- ``params/scale``, ``params/bias``: gamma and beta, as in flax.
+- ``batch_stats/mean``, ``batch_stats/var``: running statistics, as in flax.
+- ``batch_stats/count`` (BatchNorm only): int32 number of batches folded into
+  the statistics; it makes ``average="cumulative"`` possible and saturates
+  instead of wrapping. :func:`from_flax_variables` adds it to a flax checkpoint.
+
+Differences from flax (see the README's "Flax" section):
+
+- The variance is always the stable shifted two-pass one; ``use_fast_variance``
+  is accepted for compatibility and ignored (flax's default one-pass
+  ``E[x^2] - E[x]^2`` loses every digit for inputs with a large offset).
+  ``force_float32_reductions`` is likewise accepted and ignored: statistics
+  always accumulate in at least float32 and running statistics stay float32.
+- A batch whose statistics are not finite leaves the running statistics
+  unchanged (flax writes the NaN into them).
+- Training BatchNorm with one value per feature is an error (flax returns the
+  bias); during ``init`` such a batch is normalized with the fresh running
+  statistics instead, so ``init`` with a single example still works.
+
+Recalibration hook (PreciseBN): :func:`override_average` switches every
+jaxnorm BatchNorm traced inside it to another averaging policy without touching
+the model, and :func:`fresh_batch_stats` resets the statistics. With
+``average="cumulative"`` and ``count == 0`` the first batch replaces the
+statistics and later ones are averaged with equal weight::
+
+    with jaxnorm.linen.override_average("cumulative"):
+        variables = {**variables, **fresh_batch_stats(variables)}
+        for x in batches:
+            _, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
+            variables = {**variables, **upd}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.linen import dtypes, initializers
+
+import jaxnorm as jn
+from jaxnorm._src import errors
+from jaxnorm._src.batch_norm import AVERAGES, layout
+
+Array = jax.Array
+Dtype = Any
+Initializer = Any
+Axes = Any
+
+__all__ = [
+    "BatchNorm",
+    "GroupNorm",
+    "InstanceNorm",
+    "LayerNorm",
+    "RMSNorm",
+    "from_flax_variables",
+    "fresh_batch_stats",
+    "override_average",
+]
+
+_AVERAGE_OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("jaxnorm_average_override", default=None)
+
+
+@contextlib.contextmanager
+def override_average(average: str) -> Iterator[None]:
+    """Makes every jaxnorm BatchNorm (linen and NNX) traced inside use ``average``.
+
+    The hook for recalibration passes (PreciseBN): switch a trained model to
+    ``average="cumulative"`` from fresh statistics (:func:`fresh_batch_stats`)
+    without rebuilding it. The override is read when a layer is traced, so call
+    ``model.apply`` (or a function jitted for the first time) inside the
+    ``with`` block; an already-compiled ``jax.jit`` function keeps the policy it
+    was traced with.
+
+    Args:
+      average: ``"ema"`` or ``"cumulative"``.
+
+    Raises:
+      ValueError: an unknown policy.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxnorm.linen as jnl
+      >>> bn = jnl.BatchNorm(use_running_average=False)
+      >>> x = jnp.arange(8.0).reshape(4, 2)
+      >>> v = bn.init(jax.random.key(0), x)
+      >>> with jnl.override_average("cumulative"):
+      ...     _, upd = bn.apply(v, x, mutable=["batch_stats"])
+      >>> upd["batch_stats"]["mean"].tolist()
+      [3.0, 4.0]
+    """
+    errors.check_choice("override_average", "average", average, AVERAGES)
+    token = _AVERAGE_OVERRIDE.set(average)
+    try:
+        yield
+    finally:
+        _AVERAGE_OVERRIDE.reset(token)
+
+
+def current_average(field: str) -> str:
+    """The averaging policy in force: :func:`override_average`'s, else the layer's field."""
+    override = _AVERAGE_OVERRIDE.get()
+    return field if override is None else override
+
+
+def output_dtype(dtype: Dtype | None, *arrays: Any) -> Any:
+    """flax's rule: ``dtype`` if given, else the promoted dtype of x and the params."""
+    return dtypes.canonicalize_dtype(*(a for a in arrays if a is not None), dtype=dtype)
+
+
+class BatchNorm(nn.Module):
+    """Batch normalization (Ioffe & Szegedy 2015), drop-in for ``flax.linen.BatchNorm``.
+
+    Shapes: N batch, C features, ``...`` spatial axes. ``axis`` is the kept
+    feature axis (or axes); every other axis is reduced: NHWC uses the default
+    ``axis=-1``, PyTorch's NCHW layout ``axis=1``.
+
+    Training (``use_running_average=False``) normalizes with the batch mean and
+    biased variance and updates ``batch_stats`` (apply with
+    ``mutable=["batch_stats"]``, else flax raises its usual
+    ``ModifyScopeVariableError``); evaluation normalizes with the running
+    statistics. ``init`` never updates the statistics.
+
+    Attributes:
+      use_running_average: True to evaluate with the running statistics. Give
+        it here or at call time, not both.
+      axis: kept feature axis or axes.
+      momentum: weight on the old running value (flax's direction):
+        ``new = momentum * old + (1 - momentum) * batch``. PyTorch's
+        ``momentum=0.1`` is ``momentum=0.9`` here.
+      epsilon: added to the variance.
+      dtype: output dtype; default the promoted dtype of x and the params (flax's rule).
+      param_dtype: dtype of scale and bias.
+      use_bias, use_scale: learn beta / gamma.
+      bias_init, scale_init: their initializers.
+      axis_name: named axis (``nn.vmap``, ``shard_map``, ``pmap``) to synchronize
+        statistics over (ignored during ``init``, as in flax).
+      axis_index_groups: groups of ``axis_name`` indices that synchronize among themselves.
+      use_fast_variance: accepted for flax compatibility and ignored: the
+        variance is always the stable two-pass one.
+      force_float32_reductions: accepted and ignored: statistics always
+        accumulate in at least float32.
+      average: ``"ema"`` (flax, default) or ``"cumulative"`` (the plain mean
+        over all batches, PyTorch's ``momentum=None``).
+      unbiased: fold ``m/(m-1)`` times the batch variance into the running
+        variance (PyTorch's behaviour, the paper's Algorithm 2).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxnorm.linen as jnl
+      >>> bn = jnl.BatchNorm(momentum=0.9)
+      >>> x = jax.random.normal(jax.random.key(0), (8, 4, 4, 3))
+      >>> variables = bn.init(jax.random.key(1), x, use_running_average=False)
+      >>> sorted(variables["batch_stats"])
+      ['count', 'mean', 'var']
+      >>> y, upd = bn.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+      >>> int(upd["batch_stats"]["count"])
+      1
+      >>> y_eval = bn.apply({**variables, **upd}, x, use_running_average=True)
+    """
+
+    use_running_average: bool | None = None
+    axis: int | tuple[int, ...] = -1
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+    average: str = "ema"
+    unbiased: bool = False
+
+    @nn.compact
+    def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None) -> Array:
+        """Normalizes ``x`` with batch statistics (training) or running ones.
+
+        Args:
+          x: (N, ..., C) or any layout (see ``axis``), floating.
+          use_running_average: True to evaluate; give it here or as the field, not both.
+          mask: bool, broadcasts to x (e.g. (B, T, 1) for padded sequences);
+            True marks values that count in the statistics.
+
+        Returns:
+          Array of x's shape.
+
+        Raises:
+          ValueError: ``use_running_average`` given twice or not at all, bad
+            axes, shapes, mask or options (from :func:`jaxnorm.batch_norm`).
+        """
+        fn = "jaxnorm.linen.BatchNorm"
+        use_running_average = errors.merge_call_option(
+            fn, "use_running_average", self.use_running_average, use_running_average,
+            example="BatchNorm(use_running_average=...)",
+            call_example="bn(x, use_running_average=...)",
+        )
+        training = not errors.check_static_bool(fn, "use_running_average", use_running_average)
+        lay = layout(fn, jnp.asarray(x), self.axis)
+        fresh = jn.init_batch_stats(lay.feature_shape)
+        mean = self.variable("batch_stats", "mean", lambda: fresh.mean)
+        var = self.variable("batch_stats", "var", lambda: fresh.var)
+        count = self.variable("batch_stats", "count", lambda: fresh.count)
+        scale = self.param("scale", self.scale_init, lay.feature_shape, self.param_dtype) if self.use_scale else None
+        bias = self.param("bias", self.bias_init, lay.feature_shape, self.param_dtype) if self.use_bias else None
+
+        initializing = self.is_initializing()
+        if initializing and lay.values_per_feature < 2:
+            # flax lets init see a single example; the running statistics give
+            # the same shapes and are not updated during init anyway.
+            training = False
+        y, new = jn.batch_norm(
+            x, jn.BatchStats(mean.value, var.value, count.value), scale, bias,
+            training=training, axis=self.axis, momentum=self.momentum,
+            epsilon=self.epsilon, average=current_average(self.average),
+            unbiased=self.unbiased, mask=mask,
+            axis_name=None if initializing else self.axis_name,
+            axis_index_groups=None if initializing else self.axis_index_groups,
+            dtype=output_dtype(self.dtype, x, scale, bias),
+        )
+        if training and not initializing:
+            mean.value, var.value, count.value = new.mean, new.var, new.count
+        return y
+
+
+def _params(mdl: nn.Module, shape: tuple[int, ...], use_scale: bool, use_bias: bool) -> tuple[Any, Any]:
+    """scale then bias, in flax's order (the order decides their init keys)."""
+    scale = mdl.param("scale", mdl.scale_init, shape, mdl.param_dtype) if use_scale else None
+    bias = mdl.param("bias", mdl.bias_init, shape, mdl.param_dtype) if use_bias else None
+    return scale, bias
+
+
+def _feature_shape(fn: str, x: Array, axes: Axes) -> tuple[int, ...]:
+    return tuple(jnp.shape(x)[a] for a in errors.canonical_axes(fn, "feature_axes", axes, jnp.shape(x)))
+
+
+class LayerNorm(nn.Module):
+    """Layer normalization (Ba, Kiros & Hinton 2016), drop-in for ``flax.linen.LayerNorm``.
+
+    Each example is standardized over ``reduction_axes``; ``scale`` and
+    ``bias`` have the shape of ``feature_axes``. Shapes: (N, C), (B, T, C),
+    (N, H, W, C); NCHW with ``reduction_axes=(1, 2, 3), feature_axes=1``.
+    Calls :func:`jaxnorm.layer_norm` once.
+
+    Attributes:
+      epsilon: added to the variance.
+      dtype: output dtype; default the promoted dtype of x and the params (flax's rule).
+      param_dtype: dtype of the parameters.
+      use_bias, use_scale: learn beta / gamma.
+      bias_init, scale_init: their initializers.
+      reduction_axes: axes the statistics are computed over.
+      feature_axes: axes the scale and bias span.
+      axis_name, axis_index_groups: also reduce over devices along this named
+        axis (features sharded across devices).
+      use_fast_variance, force_float32_reductions: accepted for flax
+        compatibility and ignored (always the stable two-pass variance with at
+        least float32 accumulation).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxnorm.linen as jnl
+      >>> x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+      >>> ln = jnl.LayerNorm()
+      >>> y, variables = ln.init_with_output(jax.random.key(1), x)
+      >>> variables["params"]["scale"].shape
+      (8,)
+    """
+
+    epsilon: float = 1e-6
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    reduction_axes: Axes = -1
+    feature_axes: Axes = -1
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        """Standardizes each example over ``reduction_axes``.
+
+        Args:
+          x: floating array.
+          mask: bool, broadcasts to x; True marks values that count.
+
+        Returns:
+          Array of x's shape.
+
+        Raises:
+          ValueError: bad axes, shapes or mask (from :func:`jaxnorm.layer_norm`).
+        """
+        shape = _feature_shape("jaxnorm.linen.LayerNorm", x, self.feature_axes)
+        scale, bias = _params(self, shape, self.use_scale, self.use_bias)
+        return jn.layer_norm(
+            x, scale, bias, axis=self.reduction_axes, epsilon=self.epsilon, mask=mask,
+            feature_axes=self.feature_axes, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, dtype=output_dtype(self.dtype, x, scale, bias),
+        )
+
+
+class RMSNorm(nn.Module):
+    """RMS normalization (Zhang & Sennrich 2019), drop-in for ``flax.linen.RMSNorm``.
+
+    ``y = x / sqrt(mean(x**2) + eps) * scale`` over ``reduction_axes``; calls
+    :func:`jaxnorm.rms_norm` once. Shapes as :class:`LayerNorm`.
+
+    Attributes:
+      reduction_axes: axes the mean square is computed over.
+      feature_axes: axes the scale spans.
+      (others): as in :class:`LayerNorm` (no bias).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxnorm.linen as jnl
+      >>> x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+      >>> y, variables = jnl.RMSNorm().init_with_output(jax.random.key(1), x)
+      >>> list(variables["params"])
+      ['scale']
+    """
+
+    epsilon: float = 1e-6
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_scale: bool = True
+    scale_init: Initializer = initializers.ones
+    reduction_axes: Axes = -1
+    feature_axes: Axes = -1
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        """RMS-normalizes each example over ``reduction_axes``.
+
+        Args:
+          x: floating array.
+          mask: bool, broadcasts to x; True marks values that count.
+
+        Returns:
+          Array of x's shape.
+
+        Raises:
+          ValueError: bad axes, shapes or mask (from :func:`jaxnorm.rms_norm`).
+        """
+        shape = _feature_shape("jaxnorm.linen.RMSNorm", x, self.feature_axes)
+        scale, _ = _params(self, shape, self.use_scale, False)
+        return jn.rms_norm(
+            x, scale, axis=self.reduction_axes, epsilon=self.epsilon, mask=mask,
+            feature_axes=self.feature_axes, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, dtype=output_dtype(self.dtype, x, scale),
+        )
+
+
+class GroupNorm(nn.Module):
+    """Group normalization (Wu & He 2018), drop-in for ``flax.linen.GroupNorm``.
+
+    x is (N, ..., C) with channels last, as in flax. Per example and group of
+    C/G channels, standardize over the group's channels and ``reduction_axes``
+    (default: every axis but the batch axis 0); calls :func:`jaxnorm.group_norm` once.
+
+    Attributes:
+      num_groups: G (default 32, the paper's); pass ``num_groups=None`` with ``group_size``.
+      group_size: C/G.
+      reduction_axes: axes reduced within a group; must include the last
+        (channel) axis. ``(-1,)`` on (B, T, C) normalizes each time step on its own.
+      (others): as in :class:`LayerNorm`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxnorm.linen as jnl
+      >>> x = jax.random.normal(jax.random.key(0), (2, 4, 4, 32))
+      >>> y, variables = jnl.GroupNorm(num_groups=8).init_with_output(jax.random.key(1), x)
+      >>> variables["params"]["bias"].shape
+      (32,)
+    """
+
+    num_groups: int | None = 32
+    group_size: int | None = None
+    epsilon: float = 1e-6
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    reduction_axes: Axes | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        """Group-normalizes x (N, ..., C).
+
+        Args:
+          x: floating array, channels last, batch axis 0.
+          mask: bool, broadcasts to x; True marks values that count.
+
+        Returns:
+          Array of x's shape.
+
+        Raises:
+          ValueError: neither or both of num_groups/group_size, a non-divisor,
+            bad axes, shapes or mask (from :func:`jaxnorm.group_norm`).
+        """
+        scale, bias = _params(self, (jnp.shape(x)[-1],), self.use_scale, self.use_bias)
+        return jn.group_norm(
+            x, scale, bias, num_groups=self.num_groups, group_size=self.group_size,
+            channel_axis=-1, reduction_axes=self.reduction_axes, epsilon=self.epsilon,
+            mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+            dtype=output_dtype(self.dtype, x, scale, bias),
+        )
+
+
+class InstanceNorm(nn.Module):
+    """Instance normalization (Ulyanov et al. 2016), drop-in for ``flax.linen.InstanceNorm``.
+
+    Per example and feature (``feature_axes``), standardize over every other
+    non-batch axis: (N, H, W, C) by default, NCHW with ``feature_axes=1``.
+    Calls :func:`jaxnorm.instance_norm` once.
+
+    Attributes:
+      feature_axes: kept axis or axes (never 0, the batch axis); scale and bias span them.
+      (others): as in :class:`LayerNorm`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxnorm.linen as jnl
+      >>> x = jax.random.normal(jax.random.key(0), (2, 3, 8, 8))
+      >>> y, variables = jnl.InstanceNorm(feature_axes=1).init_with_output(jax.random.key(1), x)
+      >>> variables["params"]["scale"].shape
+      (3,)
+    """
+
+    epsilon: float = 1e-6
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    feature_axes: Axes = -1
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        """Instance-normalizes x.
+
+        Args:
+          x: floating array, batch axis 0.
+          mask: bool, broadcasts to x; True marks values that count.
+
+        Returns:
+          Array of x's shape.
+
+        Raises:
+          ValueError: a feature axis that is the batch axis, bad shapes or mask
+            (from :func:`jaxnorm.instance_norm`).
+        """
+        shape = _feature_shape("jaxnorm.linen.InstanceNorm", x, self.feature_axes)
+        scale, bias = _params(self, shape, self.use_scale, self.use_bias)
+        return jn.instance_norm(
+            x, scale, bias, channel_axis=self.feature_axes, epsilon=self.epsilon, mask=mask,
+            axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+            dtype=output_dtype(self.dtype, x, scale, bias),
+        )
+
+
+def _map_batch_stats(tree: Any, fn: Any) -> Any:
+    """Applies ``fn`` to every mapping that holds ``mean`` and ``var`` leaves."""
+    if isinstance(tree, Mapping):
+        if "mean" in tree and "var" in tree and not isinstance(tree["mean"], Mapping):
+            return fn(dict(tree))
+        return {k: _map_batch_stats(v, fn) for k, v in tree.items()}
+    return tree
+
+
+def from_flax_variables(variables: Mapping[str, Any], *, count: int = 0) -> dict[str, Any]:
+    """Loads variables of a model built with ``flax.linen.BatchNorm`` into jaxnorm's.
+
+    flax's BatchNorm keeps ``batch_stats/{mean,var}``; jaxnorm's adds an int32
+    ``count``. This adds ``count`` next to every ``mean``/``var`` pair in the
+    ``batch_stats`` collection (other collections are returned as they are), so
+    a flax checkpoint restores into the same model written with
+    ``jaxnorm.linen``. The default ``average="ema"`` ignores ``count``; pass
+    ``count=`` if the model uses ``average="cumulative"``.
+
+    Args:
+      variables: ``{"params": ..., "batch_stats": ...}`` as flax's ``init`` or a
+        checkpoint gives them (dicts or FrozenDicts).
+      count: batches the statistics already hold.
+
+    Returns:
+      A new dict of variables with ``count`` leaves added (existing ones kept).
+
+    Example:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp, jaxnorm.linen as jnl
+      >>> x = jnp.ones((4, 3))
+      >>> flax_vars = nn.BatchNorm(use_running_average=True).init(jax.random.key(0), x)
+      >>> ours = jnl.from_flax_variables(flax_vars)
+      >>> sorted(ours["batch_stats"])
+      ['count', 'mean', 'var']
+      >>> y = jnl.BatchNorm(use_running_average=True).apply(ours, x)
+    """
+    value = jnp.asarray(count, jnp.int32)
+
+    def add(stats: dict[str, Any]) -> dict[str, Any]:
+        stats.setdefault("count", value)
+        return stats
+
+    out = {k: v for k, v in variables.items()}
+    if "batch_stats" in out:
+        out["batch_stats"] = _map_batch_stats(out["batch_stats"], add)
+    return out
+
+
+def fresh_batch_stats(variables: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"batch_stats": ...}`` with every BatchNorm's statistics reset: mean 0, var 1, count 0.
+
+    Shapes and dtypes are kept. With ``average="cumulative"``
+    (:func:`override_average`), the next batch then replaces the statistics
+    and later batches are averaged with it: the start of a PreciseBN
+    recalibration.
+
+    Args:
+      variables: the model's variables (must hold ``batch_stats``).
+
+    Returns:
+      ``{"batch_stats": reset_tree}``, to merge as ``{**variables, **fresh}``.
+    """
+
+    def reset(stats: dict[str, Any]) -> dict[str, Any]:
+        fresh = jn.init_batch_stats(jnp.shape(stats["mean"]), dtype=jnp.result_type(stats["mean"]))
+        out = {**stats, "mean": fresh.mean, "var": fresh.var.astype(jnp.result_type(stats["var"]))}
+        if "count" in stats:
+            out["count"] = jnp.zeros_like(stats["count"])
+        return out
+
+    return {"batch_stats": _map_batch_stats(variables["batch_stats"], reset)}
