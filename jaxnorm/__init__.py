@@ -10,6 +10,8 @@ Flax layers live in :mod:`jaxnorm.linen` and :mod:`jaxnorm.nnx`.
 from jaxnorm._src.batch_norm import BatchStats as BatchStats
 from jaxnorm._src.batch_norm import batch_norm as batch_norm
 from jaxnorm._src.batch_norm import init_batch_stats as init_batch_stats
+from jaxnorm._src.batch_renorm import batch_renorm as batch_renorm
+from jaxnorm._src.batch_renorm import renorm_schedule as renorm_schedule
 from jaxnorm._src.group_norm import group_norm as group_norm
 from jaxnorm._src.group_norm import instance_norm as instance_norm
 from jaxnorm._src.layer_norm import layer_norm as layer_norm
@@ -22,11 +24,13 @@ __version__ = "0.1.0"
 __all__ = [
     "BatchStats",
     "batch_norm",
+    "batch_renorm",
     "group_norm",
     "init_batch_stats",
     "instance_norm",
     "layer_norm",
     "moments",
     "normalize",
+    "renorm_schedule",
     "rms_norm",
 ]
