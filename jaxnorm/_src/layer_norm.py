@@ -113,8 +113,9 @@ def rms_norm(
 
     Example:
       >>> import jax.numpy as jnp, jaxnorm as jn
-      >>> jn.rms_norm(jnp.array([[3., 4.]]), epsilon=0.0).round(4).tolist()
-      [[0.8485000133514404, 1.1313999891281128]]
+      >>> y = jn.rms_norm(jnp.array([[3., 4.]]), epsilon=0.0)
+      >>> [round(v, 4) for v in y[0].tolist()]
+      [0.8485, 1.1314]
     """
     x, axes, mask = _prepare("rms_norm", x, axis, mask, {"scale": scale})
     x_hat, _ = standardize(x, axes, epsilon=epsilon, mask=mask, center=False)
