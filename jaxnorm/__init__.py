@@ -17,6 +17,7 @@ from jaxnorm._src.group_norm import instance_norm as instance_norm
 from jaxnorm._src.layer_norm import layer_norm as layer_norm
 from jaxnorm._src.layer_norm import rms_norm as rms_norm
 from jaxnorm._src.normalize import normalize as normalize
+from jaxnorm._src.precise_bn import recalibrate as recalibrate
 from jaxnorm._src.stats import moments as moments
 
 __version__ = "0.1.0"
@@ -31,6 +32,7 @@ __all__ = [
     "layer_norm",
     "moments",
     "normalize",
+    "recalibrate",
     "renorm_schedule",
     "rms_norm",
 ]

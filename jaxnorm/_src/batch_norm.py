@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxnorm._src import errors
+from jaxnorm._src import errors, precise_bn
 from jaxnorm._src.normalize import affine, normalize, standardize
 from jaxnorm._src.stats import Moments
 
@@ -295,7 +295,9 @@ def batch_norm(
     Training: ``y = scale * (x - mu_B) / sqrt(sigma2_B + eps) + bias`` with the
     batch mean and biased variance over the reduced axes, and the running
     statistics updated by ``average``. Evaluation: the same map with the running
-    statistics; ``stats`` comes back unchanged.
+    statistics; ``stats`` comes back unchanged. During a PreciseBN pass
+    (:func:`jaxnorm.recalibrate`) the running statistics average cumulatively,
+    whatever ``average`` says.
 
     Ghost batches (Hoffer, Hubara & Soudry 2017): with ``ghost_batch_size=k``,
     training splits axis 0 into ``N // k`` consecutive groups of ``k`` examples
@@ -352,6 +354,7 @@ def batch_norm(
     """
     fn = "batch_norm"
     training = check_options(fn, training, average)
+    average = precise_bn.current_average(average)
     errors.check_ghost_batch_size(fn, ghost_batch_size)
     x, lay, mask = check_inputs(fn, x, stats, scale, bias, axis, mask)
     scale_b, bias_b = as_broadcast(scale, lay), as_broadcast(bias, lay)

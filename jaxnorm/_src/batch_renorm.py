@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxnorm._src import errors
+from jaxnorm._src import errors, precise_bn
 from jaxnorm._src.batch_norm import (
     BatchStats,
     as_broadcast,
@@ -81,6 +81,8 @@ def batch_renorm(
     and the running statistics are updated exactly as :func:`jaxnorm.batch_norm`
     updates them (``momentum``, ``average``, ``unbiased``; a non-finite batch
     changes nothing). Evaluation is batch norm's: ``(x - mu) / sigma``.
+    During a PreciseBN pass (:func:`jaxnorm.recalibrate`) it is batch norm
+    (``r_max=1, d_max=0``) with cumulative running statistics.
 
     The paper trains with ``r_max = 1, d_max = 0`` (plain batch norm) at first
     and then relaxes the limits; :func:`renorm_schedule` gives that schedule
@@ -126,6 +128,8 @@ def batch_renorm(
     """
     fn = "batch_renorm"
     training = check_options(fn, training, average)
+    average = precise_bn.current_average(average)
+    r_max, d_max = precise_bn.current_renorm_limits(r_max, d_max)
     errors.check_ghost_batch_size(fn, ghost_batch_size)
     errors.check_at_least(fn, "r_max", r_max, 1, "r is clipped to [1/r_max, r_max]; r_max=1 disables the scale correction")
     errors.check_at_least(fn, "d_max", d_max, 0, "d is clipped to [-d_max, d_max]; d_max=0 disables the shift correction")
