@@ -11,9 +11,12 @@ the analytic one of Ioffe & Szegedy 2015, section 3, written as a
 devices), which needs two reductions and one elementwise pass where autodiff of
 the two-pass forward needs more. Cotangents of the returned mean and variance
 are folded into the same pass, and the four per-statistic sums go through a
-single ``psum`` across devices. Positions excluded by ``mask`` are normalized
-with the statistics held constant: they receive ``inv * g`` and feed nothing
-back into the statistics' gradient, so NaN there cannot spread.
+single ``psum`` across devices. Values excluded by ``mask`` do not enter the
+statistics, so their own gradient is ``inv * g``; their outputs still depend
+on the statistics, and those cotangents reach the valid values exactly as
+autodiff of a masked mean would send them (a loss that ignores padded outputs
+sends none). Masked positions with a zero cotangent are skipped, so NaN held
+there cannot spread.
 
 Second derivatives: the backward is made of differentiable ``jax.numpy`` ops, so
 reverse-over-reverse (``jax.grad`` of ``jax.grad``, ``jax.hessian`` via
@@ -95,11 +98,17 @@ def _standardize_bwd(static, residuals, cotangents):
     x, mask, shift, offset, inv, count = residuals
     g, _, g_offset, g_var, _ = cotangents
     x_hat = _center(x, Moments(shift, offset, inv, count)) * inv
-    g_valid = g if mask is None else jnp.where(mask, g, 0)
-    gx_valid = g_valid * x_hat if mask is None else jnp.where(mask, g * x_hat, 0)
-    sums = [jnp.sum(gx_valid, axes, keepdims=True)]
+    # Outputs at masked positions depend on the statistics too, so their
+    # cotangents belong in the sums (the exact derivative, as autodiff of a
+    # masked mean gives); positions with a zero cotangent are left out so that
+    # NaN or inf held there cannot turn 0 * x_hat into NaN.
+    if mask is None:
+        gx = g * x_hat
+    else:
+        gx = jnp.where(mask | (g != 0), g * x_hat, 0)
+    sums = [jnp.sum(gx, axes, keepdims=True)]
     if center:
-        sums.append(jnp.sum(g_valid, axes, keepdims=True))
+        sums.append(jnp.sum(g, axes, keepdims=True))
     # Cotangents of the returned statistics belong to every device's copy of the
     # same global value, so they are summed across devices with the data sums.
     sums += [g_var] + ([g_offset] if center else [])
