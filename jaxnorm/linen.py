@@ -51,10 +51,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core import unfreeze
 from flax.linen import dtypes, initializers
 
 import jaxnorm as jn
-from jaxnorm._src import errors
+from jaxnorm._src import errors, precise_bn
 from jaxnorm._src.batch_norm import AVERAGES, layout
 
 Array = jax.Array
@@ -64,6 +65,7 @@ Axes = Any
 
 __all__ = [
     "BatchNorm",
+    "BatchRenorm",
     "GroupNorm",
     "InstanceNorm",
     "LayerNorm",
@@ -71,6 +73,7 @@ __all__ = [
     "from_flax_variables",
     "fresh_batch_stats",
     "override_average",
+    "recalibrate",
 ]
 
 _AVERAGE_OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("jaxnorm_average_override", default=None)
@@ -206,10 +209,15 @@ class BatchNorm(nn.Module):
           ValueError: ``use_running_average`` given twice or not at all, bad
             axes, shapes, mask or options (from :func:`jaxnorm.batch_norm`).
         """
-        fn = "jaxnorm.linen.BatchNorm"
+        return self._normalize(x, use_running_average, mask, jn.batch_norm)
+
+    def _normalize(self, x: Array, use_running_average: bool | None, mask: Array | None, core: Any, **options: Any) -> Array:
+        """Declares the variables and calls ``core`` (jn.batch_norm or jn.batch_renorm) once."""
+        name = type(self).__name__
+        fn = f"jaxnorm.linen.{name}"
         use_running_average = errors.merge_call_option(
             fn, "use_running_average", self.use_running_average, use_running_average,
-            example="BatchNorm(use_running_average=...)",
+            example=f"{name}(use_running_average=...)",
             call_example="bn(x, use_running_average=...)",
         )
         training = not errors.check_static_bool(fn, "use_running_average", use_running_average)
@@ -226,14 +234,14 @@ class BatchNorm(nn.Module):
             # flax lets init see a single example; the running statistics give
             # the same shapes and are not updated during init anyway.
             training = False
-        y, new = jn.batch_norm(
+        y, new = core(
             x, jn.BatchStats(mean.value, var.value, count.value), scale, bias,
             training=training, axis=self.axis, momentum=self.momentum,
             epsilon=self.epsilon, average=current_average(self.average),
             unbiased=self.unbiased, mask=mask,
             axis_name=None if initializing else self.axis_name,
             axis_index_groups=None if initializing else self.axis_index_groups,
-            dtype=output_dtype(self.dtype, x, scale, bias),
+            dtype=output_dtype(self.dtype, x, scale, bias), **options,
         )
         if training and not initializing:
             mean.value, var.value, count.value = new.mean, new.var, new.count
@@ -561,3 +569,132 @@ def fresh_batch_stats(variables: Mapping[str, Any]) -> dict[str, Any]:
         return out
 
     return {"batch_stats": _map_batch_stats(variables["batch_stats"], reset)}
+
+
+class BatchRenorm(BatchNorm):
+    """Batch renormalization (Ioffe 2017) over :func:`jaxnorm.batch_renorm`.
+
+    The fields, variables (``params/{scale,bias}``,
+    ``batch_stats/{mean,var,count}``) and train/eval switching of
+    :class:`BatchNorm`, plus the correction limits ``r_max`` and ``d_max``. In
+    training the output is corrected towards the running statistics
+    (``x_hat * r + d``, see :func:`jaxnorm.batch_renorm`); evaluation is batch
+    norm's. Feed the paper's warm-up (:func:`jaxnorm.renorm_schedule`) through
+    the call-time ``r_max=``/``d_max=``, which override the fields and may be
+    traced, so one compiled step serves the whole schedule.
+
+    Attributes:
+      r_max: bound on ``r`` (>= 1); 1 disables the scale correction.
+      d_max: bound on ``|d|`` (>= 0); 0 disables the shift correction.
+      (others): as :class:`BatchNorm`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxnorm as jn, jaxnorm.linen as jnl
+      >>> brn = jnl.BatchRenorm(use_running_average=False)
+      >>> x = jax.random.normal(jax.random.key(0), (8, 3))
+      >>> variables = brn.init(jax.random.key(1), x)
+      >>> r_max, d_max = jn.renorm_schedule(10_000)
+      >>> y, upd = brn.apply(variables, x, r_max=r_max, d_max=d_max, mutable=["batch_stats"])
+      >>> int(upd["batch_stats"]["count"])
+      1
+    """
+
+    r_max: float = 3.0
+    d_max: float = 5.0
+
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        use_running_average: bool | None = None,
+        *,
+        r_max: Any = None,
+        d_max: Any = None,
+        mask: Array | None = None,
+    ) -> Array:
+        """Normalizes ``x``, in training with the renorm correction.
+
+        Args:
+          x: (N, ..., C) or any layout (see ``axis``), floating.
+          use_running_average: True to evaluate; give it here or as the field, not both.
+          r_max, d_max: this call's limits (e.g. from :func:`jaxnorm.renorm_schedule`);
+            default the fields.
+          mask: bool, broadcasts to x; True marks values that count.
+
+        Returns:
+          Array of x's shape.
+
+        Raises:
+          ValueError: as :class:`BatchNorm`, and limits out of range.
+        """
+        return self._normalize(
+            x, use_running_average, mask, jn.batch_renorm,
+            r_max=self.r_max if r_max is None else r_max,
+            d_max=self.d_max if d_max is None else d_max,
+        )
+
+
+def recalibrate(model: nn.Module, variables: Mapping[str, Any], batches: Any, **apply_kwargs: Any) -> dict[str, Any]:
+    """PreciseBN (Wu & Johnson 2021): recompute every jaxnorm batch norm's statistics.
+
+    Runs ``model.apply(variables, batch, **apply_kwargs)`` on every element of
+    ``batches`` with the parameters frozen. Every jaxnorm :class:`BatchNorm`
+    and :class:`BatchRenorm` the pass trains starts from fresh statistics and
+    ends with the plain average over the batches of its per-batch mean and
+    variance (``unbiased`` honoured), each layer normalizing with batch
+    statistics as in training (batch renorm without its correction). Pass
+    the keyword arguments that run your model in training mode, as your
+    training step does (e.g. ``train=True``, ``rngs={"dropout": key}``).
+    The per-batch step is jit-compiled once (batches of one shape).
+
+    Layers that are not jaxnorm batch norms (``flax.linen.BatchNorm``
+    included) keep their state, and so does a jaxnorm layer that the pass runs
+    in evaluation mode or that sees only non-finite batches. See
+    :mod:`jaxnorm._src.precise_bn` for how the layers are switched.
+
+    Args:
+      model: a linen module holding jaxnorm batch-norm layers anywhere inside.
+      variables: its variables, with ``params`` and ``batch_stats``.
+      batches: an iterable of the model's single positional input, e.g. 100
+        to 200 training batches (Wu & Johnson use about 100 batches of 32 images).
+      **apply_kwargs: passed to ``model.apply`` on every batch.
+
+    Returns:
+      A new dict of variables: ``batch_stats`` recalibrated, everything else as given.
+
+    Raises:
+      ValueError: no ``batch_stats`` or no jaxnorm batch-norm statistics in
+        them, empty ``batches``, or no layer trained during the pass.
+
+    Example:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp, jaxnorm.linen as jnl
+      >>> class MLP(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x, train: bool):
+      ...         x = jnl.BatchNorm(use_running_average=not train)(nn.Dense(4)(x))
+      ...         return nn.Dense(2)(nn.relu(x))
+      >>> model = MLP()
+      >>> batches = [jax.random.normal(jax.random.key(i), (8, 3)) for i in range(5)]
+      >>> variables = model.init(jax.random.key(0), batches[0], train=False)
+      >>> variables = jnl.recalibrate(model, variables, batches, train=True)
+      >>> int(variables["batch_stats"]["BatchNorm_0"]["count"])
+      5
+    """
+    fn = "jaxnorm.linen.recalibrate"
+    if "batch_stats" not in variables:
+        raise ValueError(
+            f"{fn}: `variables` has no 'batch_stats' collection (it has "
+            f"{sorted(variables)}); pass the variables `model.init` returned."
+        )
+    constants = {k: v for k, v in variables.items() if k != "batch_stats"}
+
+    def update(constants: Any, stats: Any, batch: Any) -> Any:
+        _, new = model.apply({**constants, "batch_stats": stats}, batch, mutable=["batch_stats"], **apply_kwargs)
+        return new["batch_stats"]
+
+    stats = precise_bn.run(
+        fn, update, unfreeze(variables["batch_stats"]), batches,
+        "pass the keyword arguments that run the model in training mode, e.g. `train=True`",
+        constants=constants,
+    )
+    return {**variables, "batch_stats": stats}

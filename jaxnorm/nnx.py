@@ -32,7 +32,7 @@ from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 
 import jaxnorm as jn
-from jaxnorm._src import errors
+from jaxnorm._src import errors, precise_bn
 from jaxnorm._src.group_norm import check_groups
 from jaxnorm.linen import current_average
 
@@ -43,6 +43,7 @@ Axes = Any
 
 __all__ = [
     "BatchNorm",
+    "BatchRenorm",
     "GroupNorm",
     "InstanceNorm",
     "LayerNorm",
@@ -166,22 +167,27 @@ class BatchNorm(nnx.Module):
           ValueError: ``use_running_average`` is None in both places, or bad
             axes, shapes, mask or options (from :func:`jaxnorm.batch_norm`).
         """
-        fn = "jaxnorm.nnx.BatchNorm"
+        return self._normalize(x, use_running_average, mask, jn.batch_norm)
+
+    def _normalize(self, x: Array, use_running_average: bool | None, mask: Array | None, core: Any, **options: Any) -> Array:
+        """Calls ``core`` (jn.batch_norm or jn.batch_renorm) once and stores the new statistics."""
+        name = type(self).__name__
+        fn = f"jaxnorm.nnx.{name}"
         if use_running_average is None:
             use_running_average = errors.merge_call_option(
                 fn, "use_running_average", self.use_running_average, None,
-                example="BatchNorm(..., use_running_average=...)` or `model.eval()",
+                example=f"{name}(..., use_running_average=...)` or `model.eval()",
                 call_example="bn(x, use_running_average=...)",
             )
         training = not errors.check_static_bool(fn, "use_running_average", use_running_average)
         x, scale, bias = self.promote_dtype((x, _value(self.scale), _value(self.bias)), dtype=self.dtype)
         stats = jn.BatchStats(self.mean[...], self.var[...], self.count[...])
-        y, new = jn.batch_norm(
+        y, new = core(
             x, stats, scale, bias, training=training, axis=self.axis,
             momentum=self.momentum, epsilon=self.epsilon,
             average=current_average(self.average), unbiased=self.unbiased,
             mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-            dtype=self.dtype,
+            dtype=self.dtype, **options,
         )
         if training:
             self.mean[...], self.var[...], self.count[...] = new.mean, new.var, new.count
@@ -537,3 +543,138 @@ def reset_batch_stats(model: nnx.Module) -> None:
         if isinstance(module, BatchNorm):
             fresh = jn.init_batch_stats(module.mean[...].shape)
             module.mean[...], module.var[...], module.count[...] = fresh.mean, fresh.var, fresh.count
+
+
+class BatchRenorm(BatchNorm):
+    """Batch renormalization (Ioffe 2017) over :func:`jaxnorm.batch_renorm`.
+
+    The arguments, variables (``scale``, ``bias``, ``mean``, ``var``,
+    ``count``) and train/eval switching of :class:`BatchNorm`, plus the
+    correction limits. In training the output is corrected towards the running
+    statistics (``x_hat * r + d``, see :func:`jaxnorm.batch_renorm`);
+    evaluation is batch norm's. Feed the paper's warm-up
+    (:func:`jaxnorm.renorm_schedule`) through the call-time ``r_max=`` and
+    ``d_max=``, which may be traced, so one compiled step serves the whole
+    schedule.
+
+    Args:
+      num_features: C, the size of the feature axis.
+      r_max: bound on ``r`` (>= 1); 1 disables the scale correction.
+      d_max: bound on ``|d|`` (>= 0); 0 disables the shift correction.
+      **kwargs: the keyword arguments of :class:`BatchNorm` (``rngs=`` included).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxnorm as jn, jaxnorm.nnx as jnx
+      >>> from flax import nnx
+      >>> brn = jnx.BatchRenorm(3, rngs=nnx.Rngs(0))
+      >>> x = jax.random.normal(jax.random.key(0), (8, 3))
+      >>> r_max, d_max = jn.renorm_schedule(10_000)
+      >>> y = brn(x, r_max=r_max, d_max=d_max)   # training: updates mean, var, count
+      >>> int(brn.count[...])
+      1
+    """
+
+    def __init__(self, num_features: int, *, r_max: float = 3.0, d_max: float = 5.0, **kwargs: Any):
+        super().__init__(num_features, **kwargs)
+        self.r_max = r_max
+        self.d_max = d_max
+
+    def __call__(
+        self,
+        x: Array,
+        use_running_average: bool | None = None,
+        *,
+        r_max: Any = None,
+        d_max: Any = None,
+        mask: Array | None = None,
+    ) -> Array:
+        """Normalizes ``x``, in training with the renorm correction.
+
+        Args:
+          x: (N, ..., C) (or C on ``axis``), floating.
+          use_running_average: overrides the attribute for this call.
+          r_max, d_max: this call's limits (e.g. from :func:`jaxnorm.renorm_schedule`);
+            default the attributes.
+          mask: bool, broadcasts to x; True marks values that count.
+
+        Returns:
+          Array of x's shape.
+
+        Raises:
+          ValueError: as :class:`BatchNorm`, and limits out of range.
+        """
+        return self._normalize(
+            x, use_running_average, mask, jn.batch_renorm,
+            r_max=self.r_max if r_max is None else r_max,
+            d_max=self.d_max if d_max is None else d_max,
+        )
+
+
+def _batch_norm_layers(model: nnx.Module) -> list[BatchNorm]:
+    """Every jaxnorm BatchNorm and BatchRenorm in ``model``, in a fixed order."""
+    return [m for _, m in nnx.iter_modules(model) if isinstance(m, BatchNorm)]
+
+
+def _stats(layer: BatchNorm) -> jn.BatchStats:
+    return jn.BatchStats(layer.mean[...], layer.var[...], layer.count[...])
+
+
+def _set_stats(layer: BatchNorm, stats: jn.BatchStats) -> None:
+    layer.mean[...], layer.var[...], layer.count[...] = stats.mean, stats.var, stats.count
+
+
+def recalibrate(model: nnx.Module, batches: Any) -> None:
+    """PreciseBN (Wu & Johnson 2021): recompute every jaxnorm batch norm's statistics in place.
+
+    Runs ``model(batch)`` on every element of ``batches`` with the parameters
+    frozen. Every jaxnorm :class:`BatchNorm` and :class:`BatchRenorm` starts
+    from fresh statistics and ends with the plain average over the batches of
+    its per-batch mean and variance (``unbiased`` honoured), each normalizing
+    with batch statistics as in training (batch renorm without its
+    correction) whatever mode the model is in. The pass runs on a functional
+    copy of the model: only those statistics change; parameters, other layers'
+    state (``flax.nnx.BatchNorm`` included, RNG counters) and the model's
+    train/eval mode are left as they were. Other layers run in the mode the
+    model is in (e.g. dropout is off after ``model.eval()``). The per-batch
+    step is jit-compiled once (batches of one shape).
+
+    Args:
+      model: an NNX module holding jaxnorm batch-norm layers anywhere inside;
+        ``model(batch)`` must run it.
+      batches: an iterable of the model's single positional input, e.g. 100
+        to 200 training batches.
+
+    Raises:
+      ValueError: no jaxnorm batch-norm layer in ``model``, empty ``batches``,
+        or no layer folded a batch (every batch non-finite, or a layer called
+        with ``use_running_average=True`` explicitly).
+
+    Example:
+      >>> import jax, jaxnorm.nnx as jnx
+      >>> from flax import nnx
+      >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), jnx.BatchNorm(4, rngs=nnx.Rngs(0)))
+      >>> model.eval()
+      >>> jnx.recalibrate(model, [jax.random.normal(jax.random.key(i), (8, 3)) for i in range(5)])
+      >>> int(model.layers[1].count[...]), model.layers[1].use_running_average
+      (5, True)
+    """
+    fn = "jaxnorm.nnx.recalibrate"
+    graphdef, state = nnx.split(model)
+
+    def update(state: Any, stats: list[jn.BatchStats], batch: Any) -> list[jn.BatchStats]:
+        copy = nnx.merge(graphdef, state)
+        layers = _batch_norm_layers(copy)
+        for layer, layer_stats in zip(layers, stats):
+            layer.use_running_average = False
+            _set_stats(layer, layer_stats)
+        copy(batch)
+        return [_stats(layer) for layer in layers]
+
+    layers = _batch_norm_layers(model)
+    new = precise_bn.run(
+        fn, update, [_stats(layer) for layer in layers], batches,
+        "do not call the layers with `use_running_average=True` explicitly",
+        constants=state,
+    )
+    for layer, layer_stats in zip(layers, new):
+        _set_stats(layer, layer_stats)

@@ -103,7 +103,7 @@ def test_errors():
     update = lambda s, x: forward(params, s, x, training=True)[1]  # noqa: E731
     with pytest.raises(ValueError, match=r"recalibrate: `batches` is empty"):
         jn.recalibrate(update, fresh(), [])
-    with pytest.raises(ValueError, match=r"recalibrate: `stats` holds no batch-norm statistics"):
+    with pytest.raises(ValueError, match=r"recalibrate: found no jaxnorm batch-norm statistics"):
         jn.recalibrate(lambda s, x: s, {"w": jnp.ones(3)}, xs)
     with pytest.raises(ValueError, match=r"recalibrate: `update` is already wrapped in jax.jit"):
         jn.recalibrate(jax.jit(update), fresh(), xs)

@@ -176,24 +176,39 @@ def recalibrate(update: Callable[[Any, Any], Any], stats: Any, batches: Iterable
       >>> bool(jnp.allclose(stats.mean, means, atol=1e-5)), int(stats.count)
       (True, 4)
     """
-    fn = "recalibrate"
+    return run("recalibrate", update, stats, batches, "make `update` run batch_norm with `training=True`")
+
+
+def run(fn: str, update: Callable[..., Any], stats: Any, batches: Iterable[Any], hint: str, constants: Any = None) -> Any:
+    """The PreciseBN pass shared by the functional, linen and NNX entry points.
+
+    ``update(stats, batch)`` (or ``update(constants, stats, batch)`` when
+    ``constants`` is given: arrays passed to the compiled step as arguments
+    rather than baked into it, e.g. a model's parameters) is jitted once, inside
+    :func:`recalibrating`, and run on every batch from restarted statistics.
+    ``hint`` completes the message raised when no layer folded a batch.
+    """
     check_step(fn, "update", update)
     if count_stats(stats) == 0:
         raise ValueError(
-            f"{fn}: `stats` holds no batch-norm statistics (jn.BatchStats or "
-            f"{{'mean', 'var', 'count'}} dicts); pass the state your model's batch norms use."
+            f"{fn}: found no jaxnorm batch-norm statistics (jn.BatchStats or "
+            f"{{'mean', 'var', 'count'}} dicts) to recalibrate; the model needs at "
+            f"least one jaxnorm BatchNorm or BatchRenorm layer."
         )
     # A fresh function: jax caches traces per function object, and this trace
     # must neither reuse nor leave behind one made without the switch.
-    step = jax.jit(lambda stats, batch: update(stats, batch))
+    if constants is None:
+        step = jax.jit(lambda _, stats, batch: update(stats, batch))
+    else:
+        step = jax.jit(lambda constants, stats, batch: update(constants, stats, batch))
     state, seen = restart(stats), 0
     with recalibrating():
         for batch in batches:
-            state = step(state, batch)
+            state = step(constants, state, batch)
             seen += 1
     if seen == 0:
         raise ValueError(f"{fn}: `batches` is empty; pass an iterable of model inputs (e.g. 100 training batches).")
     out, folded = finish(stats, state)
     if folded == 0:
-        raise no_layer_folded(fn, "make `update` run batch_norm with `training=True`")
+        raise no_layer_folded(fn, hint)
     return out
