@@ -94,3 +94,23 @@ def bn_backward(x, dy, gamma, eps=1e-5):
     x_hat = (x - mu) / s
     dx = gamma / (m * s) * (m * dy - dy.sum(0) - x_hat * (dy * x_hat).sum(0))
     return dx, (dy * x_hat).sum(0), dy.sum(0)
+
+
+def batch_renorm(x, run_mean, run_var, r_max, d_max, feature_axes, scale=None, bias=None, eps=1e-5):
+    """Ioffe 2017, Algorithm 1 in float64: y, r, d (feature shape), batch mean and var."""
+    x = f64(x)
+    axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
+    bshape = tuple(x.shape[a] if a in feature_axes else 1 for a in range(x.ndim))
+    mu_b = x.mean(axis=axes, keepdims=True)
+    sigma_b = np.sqrt(x.var(axis=axes, keepdims=True) + eps)
+    mu = f64(run_mean).reshape(bshape)
+    sigma = np.sqrt(f64(run_var).reshape(bshape) + eps)
+    r = np.clip(sigma_b / sigma, 1 / r_max, r_max)
+    d = np.clip((mu_b - mu) / sigma, -d_max, d_max)
+    y = (x - mu_b) / sigma_b * r + d
+    if scale is not None:
+        y = y * f64(scale).reshape(bshape)
+    if bias is not None:
+        y = y + f64(bias).reshape(bshape)
+    fshape = tuple(x.shape[a] for a in feature_axes)
+    return y, r.reshape(fshape), d.reshape(fshape), mu_b.reshape(fshape), (sigma_b**2 - eps).reshape(fshape)

@@ -9,32 +9,9 @@ import pytest
 import jaxnorm as jn
 import reference as ref
 
-EPS = 1e-5
-
-
 def data(shape, seed=0, loc=1.5, spread=3.0):
     rng = np.random.default_rng(seed)
     return (loc + spread * rng.standard_normal(shape)).astype(np.float32)
-
-
-def renorm_reference(x, run_mean, run_var, r_max, d_max, feature_axes, scale=None, bias=None, eps=EPS):
-    """Ioffe 2017, Algorithm 1 in float64: y, r, d (feature shape), batch mean and var."""
-    x = ref.f64(x)
-    axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
-    bshape = tuple(x.shape[a] if a in feature_axes else 1 for a in range(x.ndim))
-    mu_b = x.mean(axis=axes, keepdims=True)
-    sigma_b = np.sqrt(x.var(axis=axes, keepdims=True) + eps)
-    mu = ref.f64(run_mean).reshape(bshape)
-    sigma = np.sqrt(ref.f64(run_var).reshape(bshape) + eps)
-    r = np.clip(sigma_b / sigma, 1 / r_max, r_max)
-    d = np.clip((mu_b - mu) / sigma, -d_max, d_max)
-    y = (x - mu_b) / sigma_b * r + d
-    if scale is not None:
-        y = y * ref.f64(scale).reshape(bshape)
-    if bias is not None:
-        y = y + ref.f64(bias).reshape(bshape)
-    fshape = tuple(x.shape[a] for a in feature_axes)
-    return y, r.reshape(fshape), d.reshape(fshape), mu_b.reshape(fshape), (sigma_b**2 - eps).reshape(fshape)
 
 
 def running(fshape):
@@ -62,7 +39,7 @@ def test_training_matches_algorithm_1(shape, axis, feature_axes, transform):
     bias = rng.standard_normal(fshape).astype(np.float32)
     f = transform(lambda x, s: jn.batch_renorm(x, s, scale, bias, training=True, r_max=2.0, d_max=1.0, axis=axis, momentum=0.9))
     y, new = f(x, stats)
-    y_ref, r, d, mean, var = renorm_reference(x, stats.mean, stats.var, 2.0, 1.0, feature_axes, scale, bias)
+    y_ref, r, d, mean, var = ref.batch_renorm(x, stats.mean, stats.var, 2.0, 1.0, feature_axes, scale, bias)
     # The running statistics are far from the batch's: both clips must be active somewhere.
     assert np.any(np.isclose(r, 2.0)) or np.any(np.isclose(r, 0.5))
     assert np.any(np.isclose(np.abs(d), 1.0)) and np.any(np.abs(d) < 1.0)
@@ -114,13 +91,13 @@ def test_gradient_is_r_times_batch_norms():
     w = jnp.asarray(data((16, 5), seed=8))
     r_max, d_max = 2.5, 1.5
     grad = jax.jit(jax.grad(lambda x: jnp.sum(w * jn.batch_renorm(x, stats, scale, training=True, r_max=r_max, d_max=d_max)[0])))(x)
-    _, r, d, _, _ = renorm_reference(x, stats.mean, stats.var, r_max, d_max, (1,))
+    _, r, d, _, _ = ref.batch_renorm(x, stats.mean, stats.var, r_max, d_max, (1,))
     assert len(np.unique(np.round(r, 4))) > 2, "r should differ across features"
     dx_bn, _, _ = ref.bn_backward(x, w, scale)
     np.testing.assert_allclose(grad, r * dx_bn, atol=3e-5, rtol=1e-4)
     # and w.r.t. scale: sum(dy * x_hat_renorm), with r and d held constant
     g_scale = jax.jit(jax.grad(lambda g: jnp.sum(w * jn.batch_renorm(x, stats, g, training=True, r_max=r_max, d_max=d_max)[0])))(scale)
-    y_unit, *_ = renorm_reference(x, stats.mean, stats.var, r_max, d_max, (1,))
+    y_unit, *_ = ref.batch_renorm(x, stats.mean, stats.var, r_max, d_max, (1,))
     np.testing.assert_allclose(g_scale, (ref.f64(w) * y_unit).sum(0), rtol=1e-4, atol=1e-4)
 
 
@@ -147,7 +124,7 @@ def test_traced_limits_compile_once_across_the_schedule():
         before = stats
         stats, y = step(stats, x, jnp.asarray(t))
         r_max, d_max = (1.0, 0.0) if t <= 10 else [float(v) for v in jn.renorm_schedule(t, warmup_steps=10, r_max_steps=40, d_max_steps=25)]
-        np.testing.assert_allclose(y, renorm_reference(x, before.mean, before.var, r_max, d_max, (1,))[0], atol=3e-5, rtol=1e-5)
+        np.testing.assert_allclose(y, ref.batch_renorm(x, before.mean, before.var, r_max, d_max, (1,))[0], atol=3e-5, rtol=1e-5)
     chex.clear_trace_counter()
 
 
@@ -165,7 +142,7 @@ def test_ghost_batches_are_renormalized_one_by_one():
     x = data((12, 3))
     stats = running((3,))
     y, new = jax.jit(lambda x: jn.batch_renorm(x, stats, training=True, r_max=2.0, d_max=1.0, ghost_batch_size=4))(x)
-    groups = [renorm_reference(g, stats.mean, stats.var, 2.0, 1.0, (1,)) for g in np.split(x, 3)]
+    groups = [ref.batch_renorm(g, stats.mean, stats.var, 2.0, 1.0, (1,)) for g in np.split(x, 3)]
     np.testing.assert_allclose(y, np.concatenate([g[0] for g in groups]), atol=3e-5, rtol=1e-5)
     mean = np.mean([g[3] for g in groups], axis=0)
     np.testing.assert_allclose(new.mean, 0.99 * ref.f64(stats.mean) + 0.01 * mean, rtol=1e-5, atol=1e-6)
@@ -179,7 +156,7 @@ def test_masked_values_reach_nothing():
     stats = running((3,))
     f = jax.jit(lambda x: jn.batch_renorm(x, stats, training=True, r_max=2.0, d_max=1.0, mask=mask))
     y, new = f(x_bad)
-    y_ref = renorm_reference(x[:6], stats.mean, stats.var, 2.0, 1.0, (1,))[0]
+    y_ref = ref.batch_renorm(x[:6], stats.mean, stats.var, 2.0, 1.0, (1,))[0]
     np.testing.assert_allclose(y[:6], y_ref, atol=3e-5, rtol=1e-5)
     assert np.all(np.isfinite(new.mean)) and np.all(np.isfinite(new.var))
     grad = jax.jit(jax.grad(lambda x: jnp.sum(f(x)[0][:6])))(x_bad)
