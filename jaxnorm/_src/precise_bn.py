@@ -26,7 +26,9 @@ rebuilding the model; :func:`recalibrate` jits its step inside the switch.
 Layers the pass runs in evaluation mode keep their statistics.
 
 This module is framework-free; :func:`jaxnorm.linen.recalibrate` and
-:func:`jaxnorm.nnx.recalibrate` call into it.
+:func:`jaxnorm.nnx.recalibrate` call into it. (The design sketch put
+recalibration in ``inference.py`` next to ``fold_batch_norm``; it is a concept
+of its own, and the batch-norm functions read its switch, so it lives here.)
 """
 
 from __future__ import annotations
