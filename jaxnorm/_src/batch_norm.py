@@ -18,6 +18,12 @@ training always uses the biased batch variance.
 A batch with any non-finite statistic, or with no valid value for some feature,
 leaves every feature and the count unchanged: one NaN batch must not erase a
 training run's statistics.
+
+Ghost batches (``ghost_batch_size=k``) and plain batches share one training
+path: :func:`batch_view` sees ``x`` as ``(G, N // G, ...)`` (G = 1 without ghost
+batches, a free reshape), :func:`batch_standardize` normalizes each group with
+its own statistics, and :func:`fold_batch` folds the mean of the groups'
+statistics into the state. :mod:`batch_renorm` reuses all three.
 """
 
 from __future__ import annotations
