@@ -134,10 +134,9 @@ def batch_renorm(
     errors.check_at_least(fn, "r_max", r_max, 1, "r is clipped to [1/r_max, r_max]; r_max=1 disables the scale correction")
     errors.check_at_least(fn, "d_max", d_max, 0, "d is clipped to [-d_max, d_max]; d_max=0 disables the shift correction")
     x, lay, mask = check_inputs(fn, x, stats, scale, bias, axis, mask)
-    scale_b, bias_b = as_broadcast(scale, lay), as_broadcast(bias, lay)
     out_dtype = x.dtype if dtype is None else dtype
     if not training:
-        return evaluate(x, stats, scale_b, bias_b, lay, epsilon, out_dtype), stats
+        return evaluate(x, stats, as_broadcast(scale, lay), as_broadcast(bias, lay), lay, epsilon, out_dtype), stats
     x_hat, m, view = batch_standardize(
         fn, x, lay, mask, axis=axis, epsilon=epsilon, axis_name=axis_name,
         axis_index_groups=axis_index_groups, ghost_batch_size=ghost_batch_size,
@@ -151,8 +150,14 @@ def batch_renorm(
     # gradient flows through the batch statistics only, scaled by r.
     r = lax.stop_gradient(jnp.clip(jnp.sqrt(m.var + epsilon) * inv_sigma, 1 / r_max, r_max))
     d = lax.stop_gradient(jnp.clip((m.mean - running_mean) * inv_sigma, -d_max, d_max))
-    y = affine(jnp.reshape(x_hat * r + d, x.shape), scale_b, bias_b, out_dtype)
-    return y, fold_batch(stats, m, lay, momentum=momentum, average=average, unbiased=unbiased)
+    # scale * (x_hat * r + d) + bias, with r and d folded into the per-feature
+    # scale and shift: one pass over the data, as in batch norm.
+    view_scale = r if scale is None else r * jnp.reshape(scale, view.stats_shape)
+    view_bias = d if scale is None else d * jnp.reshape(scale, view.stats_shape)
+    if bias is not None:
+        view_bias = view_bias + jnp.reshape(bias, view.stats_shape)
+    y = affine(x_hat, view_scale, view_bias, out_dtype)
+    return jnp.reshape(y, x.shape), fold_batch(stats, m, lay, momentum=momentum, average=average, unbiased=unbiased)
 
 
 def renorm_schedule(
