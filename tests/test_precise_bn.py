@@ -119,3 +119,29 @@ def test_outside_recalibration_the_layers_are_unchanged():
     after = jax.jit(update)(fresh(), xs[0])
     m1, _, _, _ = reference_statistics(params, xs[:1])
     np.testing.assert_allclose(after["bn"].mean, 0.01 * m1, rtol=2e-5, atol=2e-6)  # ema, momentum 0.99
+
+
+def test_stacked_statistics_of_an_ensemble():
+    """Statistics with a leading axis (vmap ensembles, scanned layers) are recalibrated member by member."""
+    xs = batches(n=3)
+    weights = np.stack([mlp_params(seed)["w1"] for seed in (0, 1)])  # (2, 4, 6)
+    stats = jax.vmap(lambda _: jn.init_batch_stats(6))(jnp.arange(2))
+
+    def update(stats, x):
+        return jax.vmap(lambda s, w: jn.batch_norm(x @ w, s, training=True)[1])(stats, weights)
+
+    out = jn.recalibrate(update, stats, xs)
+    for member in range(2):
+        means = np.mean([(ref.f64(x) @ ref.f64(weights[member])).mean(0) for x in xs], axis=0)
+        np.testing.assert_allclose(out.mean[member], means, rtol=2e-5, atol=2e-5)
+    np.testing.assert_array_equal(out.count, [3, 3])
+    # a member that folded nothing keeps its old statistics
+    from jaxnorm._src import precise_bn
+
+    old = jn.BatchStats(jnp.ones((2, 6)), jnp.ones((2, 6)), jnp.asarray([7, 7], jnp.int32))
+    new = out._replace(count=jnp.asarray([0, 3], jnp.int32))
+    kept, folded = precise_bn.finish(old, new)
+    np.testing.assert_array_equal(kept.mean[0], 1.0)
+    np.testing.assert_allclose(kept.mean[1], out.mean[1])
+    np.testing.assert_array_equal(kept.count, [7, 3])
+    assert folded == 1

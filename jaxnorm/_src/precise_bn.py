@@ -109,9 +109,14 @@ def finish(before: Any, after: Any) -> tuple[Any, int]:
         if not _is_stats(old):
             return old
         new_fields = _fields(new)
-        seen = new_fields["count"] > 0
-        visited.append(seen)
-        return _rebuild(old, {k: jnp.where(seen, new_fields[k], v) for k, v in _fields(old).items()})
+        # count may carry leading axes (layers stacked by scan or vmap): align from the left
+        seen = jnp.asarray(new_fields["count"]) > 0
+        visited.append(jnp.any(seen))
+
+        def pick(new_value: Any, old_value: Any) -> Any:
+            return jnp.where(jnp.reshape(seen, seen.shape + (1,) * (jnp.ndim(old_value) - seen.ndim)), new_value, old_value)
+
+        return _rebuild(old, {k: pick(new_fields[k], v) for k, v in _fields(old).items()})
 
     out = jax.tree.map(one, before, after, is_leaf=_is_stats)
     return out, int(sum(bool(v) for v in visited))
