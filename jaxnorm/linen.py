@@ -681,11 +681,7 @@ def recalibrate(model: nn.Module, variables: Mapping[str, Any], batches: Any, **
       5
     """
     fn = "jaxnorm.linen.recalibrate"
-    if "batch_stats" not in variables:
-        raise ValueError(
-            f"{fn}: `variables` has no 'batch_stats' collection (it has "
-            f"{sorted(variables)}); pass the variables `model.init` returned."
-        )
+    errors.check_collection(fn, variables, "batch_stats")
     constants = {k: v for k, v in variables.items() if k != "batch_stats"}
 
     def update(constants: Any, stats: Any, batch: Any) -> Any:

@@ -209,13 +209,8 @@ def renorm_schedule(
     """
     fn = "renorm_schedule"
     errors.check_at_least(fn, "warmup_steps", warmup_steps, 0, "pass the number of plain batch-norm steps")
-    for name, end in (("r_max_steps", r_max_steps), ("d_max_steps", d_max_steps)):
-        if end <= warmup_steps:
-            raise ValueError(
-                f"{fn}: `{name}`={end} must come after `warmup_steps`={warmup_steps}; "
-                f"it is the step at which the final limit is reached, e.g. "
-                f"`{name}={warmup_steps + 1000}`."
-            )
+    errors.check_after(fn, "r_max_steps", r_max_steps, "warmup_steps", warmup_steps)
+    errors.check_after(fn, "d_max_steps", d_max_steps, "warmup_steps", warmup_steps)
     errors.check_at_least(fn, "r_max", r_max, 1, "r_max=1 keeps r at 1")
     errors.check_at_least(fn, "d_max", d_max, 0, "d_max=0 keeps d at 0")
     step = jnp.asarray(step, jnp.float32)

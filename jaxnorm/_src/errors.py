@@ -237,3 +237,48 @@ def check_ghost_batch_size(
             f"estimate a variance; use `ghost_batch_size` >= 2."
         )
     return k
+
+
+def check_after(fn: str, name: str, value: Any, earlier_name: str, earlier: Any) -> None:
+    """Raises unless the static step ``value`` comes after ``earlier``."""
+    if not value > earlier:
+        raise ValueError(
+            f"{fn}: `{name}`={value!r} must come after `{earlier_name}`={earlier!r}; it is "
+            f"the step at which the final limit is reached, e.g. `{name}={earlier + 1000}`."
+        )
+
+
+def check_not_jitted(fn: str, name: str, f: Any) -> None:
+    """A function read at trace time under a switch must not be one that jax.jit already caches."""
+    if hasattr(f, "lower") and hasattr(f, "trace"):
+        raise ValueError(
+            f"{fn}: `{name}` is already wrapped in jax.jit; pass the plain Python function "
+            f"(recalibrate compiles it itself, with the recalibration switch on; a function "
+            f"jitted elsewhere may reuse a trace made without it)."
+        )
+
+
+def check_recalibration(fn: str, *, layers: int | None = None, batches: int | None = None, folded: int | None = None, hint: str = "") -> None:
+    """PreciseBN needs batch-norm statistics, batches, and at least one layer that folded one."""
+    if layers == 0:
+        raise ValueError(
+            f"{fn}: found no jaxnorm batch-norm statistics (jn.BatchStats or "
+            f"{{'mean', 'var', 'count'}} dicts) to recalibrate; the model needs at "
+            f"least one jaxnorm BatchNorm or BatchRenorm layer."
+        )
+    if batches == 0:
+        raise ValueError(f"{fn}: `batches` is empty; pass an iterable of model inputs (e.g. 100 training batches).")
+    if folded == 0:
+        raise ValueError(
+            f"{fn}: no jaxnorm batch-norm layer folded a batch, so no statistics were "
+            f"recalibrated; {hint}, and check that the batches hold finite values."
+        )
+
+
+def check_collection(fn: str, variables: Any, name: str) -> None:
+    """Raises unless the flax variables hold collection ``name``."""
+    if name not in variables:
+        raise ValueError(
+            f"{fn}: `variables` has no {name!r} collection (it has {sorted(variables)}); "
+            f"pass the variables `model.init` returned."
+        )

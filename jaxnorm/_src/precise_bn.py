@@ -41,6 +41,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxnorm._src import errors
+
 Array = jax.Array
 
 _RECALIBRATING: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxnorm_recalibrating", default=False)
@@ -127,23 +129,6 @@ def count_stats(tree: Any) -> int:
     return sum(1 for leaf in jax.tree.leaves(tree, is_leaf=_is_stats) if _is_stats(leaf))
 
 
-def check_step(fn: str, name: str, step: Any) -> None:
-    """The switch is read while tracing; an already-jitted function may reuse a trace made without it."""
-    if hasattr(step, "lower") and hasattr(step, "trace"):
-        raise ValueError(
-            f"{fn}: `{name}` is already wrapped in jax.jit; pass the plain Python function "
-            f"(recalibrate compiles it itself, with the recalibration switch on; a function "
-            f"jitted elsewhere may reuse a trace made without it)."
-        )
-
-
-def no_layer_folded(fn: str, how: str) -> ValueError:
-    return ValueError(
-        f"{fn}: no jaxnorm batch-norm layer folded a batch, so no statistics were "
-        f"recalibrated; {how}, and check that the batches hold finite values."
-    )
-
-
 def recalibrate(update: Callable[[Any, Any], Any], stats: Any, batches: Iterable[Any]) -> Any:
     """PreciseBN for functional models: population statistics from ``batches``.
 
@@ -195,13 +180,8 @@ def run(fn: str, update: Callable[..., Any], stats: Any, batches: Iterable[Any],
     :func:`recalibrating`, and run on every batch from restarted statistics.
     ``hint`` completes the message raised when no layer folded a batch.
     """
-    check_step(fn, "update", update)
-    if count_stats(stats) == 0:
-        raise ValueError(
-            f"{fn}: found no jaxnorm batch-norm statistics (jn.BatchStats or "
-            f"{{'mean', 'var', 'count'}} dicts) to recalibrate; the model needs at "
-            f"least one jaxnorm BatchNorm or BatchRenorm layer."
-        )
+    errors.check_not_jitted(fn, "update", update)
+    errors.check_recalibration(fn, layers=count_stats(stats))
     # A fresh function: jax caches traces per function object, and this trace
     # must neither reuse nor leave behind one made without the switch.
     if constants is None:
@@ -213,9 +193,7 @@ def run(fn: str, update: Callable[..., Any], stats: Any, batches: Iterable[Any],
         for batch in batches:
             state = step(constants, state, batch)
             seen += 1
-    if seen == 0:
-        raise ValueError(f"{fn}: `batches` is empty; pass an iterable of model inputs (e.g. 100 training batches).")
+    errors.check_recalibration(fn, batches=seen)
     out, folded = finish(stats, state)
-    if folded == 0:
-        raise no_layer_folded(fn, hint)
+    errors.check_recalibration(fn, folded=folded, hint=hint)
     return out
