@@ -198,18 +198,26 @@ def batch_standardize(
     x: Array,
     lay: Layout,
     mask: Array | None,
+    scale: Array | None,
+    bias: Array | None,
     *,
     axis: Any,
     epsilon: float,
     axis_name: Any,
     axis_index_groups: Any,
     ghost_batch_size: Any,
+    dtype: Any,
 ) -> tuple[Array, Moments, BatchView]:
-    """Training-mode ``x_hat`` of batch norm (per ghost batch), in the view's shape.
+    """Algorithm 1 of batch norm (per ghost batch): ``y = x_hat * scale + bias`` in the view's shape.
 
-    Returns ``(x_hat, moments, view)``: ``x_hat`` shaped like ``view.x`` (reshape to
-    ``x.shape`` after any per-group correction), moments of shape ``(G, 1, ...)``
-    with the features kept.
+    Args:
+      scale, bias: optional, feature shape; both None give ``x_hat`` (batch
+        renorm corrects it before its own affine map).
+      dtype: dtype of ``y``.
+
+    Returns:
+      ``(y, moments, view)``: ``y`` shaped like ``view.x`` (reshape it to
+      ``x.shape``), moments of shape ``(G, 1, ...)`` with the features kept.
     """
     per_example = lay.values_per_feature // max(x.shape[0], 1) if 0 in lay.reduction_axes else 1
     ghost_batch_size = errors.check_ghost_batch_size(
@@ -222,7 +230,13 @@ def batch_standardize(
         view.x, view.axes, epsilon=epsilon, mask=view.mask,
         axis_name=axis_name, axis_index_groups=axis_index_groups,
     )
-    return x_hat, m, view
+    y = affine(x_hat, view_param(scale, view), view_param(bias, view), dtype)
+    return y, m, view
+
+
+def view_param(value: Array | None, view: BatchView) -> Array | None:
+    """A feature-shaped parameter or statistic, shaped to broadcast against the view."""
+    return None if value is None else jnp.reshape(value, view.stats_shape)
 
 
 def fold_batch(
@@ -258,11 +272,11 @@ def fold_batch(
 def evaluate(
     x: Array, stats: BatchStats, scale: Array | None, bias: Array | None, lay: Layout, epsilon: float, dtype: Any
 ) -> Array:
-    """Algorithm 2: normalize by the running statistics (scale and bias already broadcast)."""
+    """Algorithm 2: normalize by the running statistics (all feature-shaped)."""
     shape = lay.broadcast_shape
     return normalize(
-        x, jnp.reshape(stats.mean, shape), jnp.reshape(stats.var, shape), scale, bias,
-        epsilon=epsilon, dtype=dtype,
+        x, jnp.reshape(stats.mean, shape), jnp.reshape(stats.var, shape),
+        as_broadcast(scale, lay), as_broadcast(bias, lay), epsilon=epsilon, dtype=dtype,
     )
 
 
@@ -363,13 +377,11 @@ def batch_norm(
     average = precise_bn.current_average(average)
     errors.check_ghost_batch_size(fn, ghost_batch_size)
     x, lay, mask = check_inputs(fn, x, stats, scale, bias, axis, mask)
-    scale_b, bias_b = as_broadcast(scale, lay), as_broadcast(bias, lay)
     out_dtype = x.dtype if dtype is None else dtype
     if not training:
-        return evaluate(x, stats, scale_b, bias_b, lay, epsilon, out_dtype), stats
-    x_hat, m, _ = batch_standardize(
-        fn, x, lay, mask, axis=axis, epsilon=epsilon, axis_name=axis_name,
-        axis_index_groups=axis_index_groups, ghost_batch_size=ghost_batch_size,
+        return evaluate(x, stats, scale, bias, lay, epsilon, out_dtype), stats
+    y, m, _ = batch_standardize(
+        fn, x, lay, mask, scale, bias, axis=axis, epsilon=epsilon, axis_name=axis_name,
+        axis_index_groups=axis_index_groups, ghost_batch_size=ghost_batch_size, dtype=out_dtype,
     )
-    y = affine(jnp.reshape(x_hat, x.shape), scale_b, bias_b, out_dtype)
-    return y, fold_batch(stats, m, lay, momentum=momentum, average=average, unbiased=unbiased)
+    return jnp.reshape(y, x.shape), fold_batch(stats, m, lay, momentum=momentum, average=average, unbiased=unbiased)
