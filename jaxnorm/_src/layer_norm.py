@@ -149,8 +149,9 @@ def rms_norm(
 
     Example:
       >>> import jax.numpy as jnp, jaxnorm as jn
-      >>> jn.rms_norm(jnp.array([[3., 4.]]), epsilon=0.0).round(4).tolist()
-      [[0.8485, 1.1314]]
+      >>> y = jn.rms_norm(jnp.array([[3., 4.]]), epsilon=0.0)
+      >>> [round(v, 4) for v in y[0].tolist()]
+      [0.8485, 1.1314]
     """
     x, axes, mask, p = _prepare("rms_norm", x, axis, mask, {"scale": scale}, feature_axes)
     x_hat, _ = standardize(

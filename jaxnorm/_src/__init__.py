@@ -1,0 +1,1 @@
+"""Implementation modules of jaxnorm; import the public names from ``jaxnorm``."""
