@@ -66,7 +66,8 @@ def _group_norm(
     channel_axes = errors.canonical_axes(fn, "channel_axis", channel_axis, x.shape)
     if 0 in channel_axes:
         raise ValueError(
-            f"{fn}: `channel_axis`={channel_axis!r} includes the batch axis 0 of `x` (shape "
+            f"{fn}: `channel_axis`={channel_axis!r} {'is' if len(channel_axes) == 1 else 'includes'} "
+            f"the batch axis 0 of `x` (shape "
             f"{x.shape}); the channel axis must be another one, e.g. -1 (NHWC) or 1 (NCHW)."
         )
     if reduction_axes is None:
