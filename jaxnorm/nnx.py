@@ -430,7 +430,7 @@ class GroupNorm(_Stateless):
         bias_metadata: Mapping[str, Any] = _EMPTY,
         scale_metadata: Mapping[str, Any] = _EMPTY,
     ):
-        groups = check_groups("jaxnorm.nnx.GroupNorm", num_features, num_groups, group_size)
+        groups, size = check_groups("jaxnorm.nnx.GroupNorm", num_features, num_groups, group_size)
         self._init_common(
             num_features, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
             use_bias=use_bias, use_scale=use_scale, bias_init=bias_init, scale_init=scale_init,
@@ -439,7 +439,7 @@ class GroupNorm(_Stateless):
             bias_metadata=bias_metadata, scale_metadata=scale_metadata,
         )
         self.num_groups = groups
-        self.group_size = num_features // groups
+        self.group_size = size
         self.reduction_axes = reduction_axes
         self.feature_axis = -1
 
