@@ -103,21 +103,21 @@ def test_group_norm_per_time_step_is_right_where_flax_nnx_is_not():
     x = make_input((3, 5, 6), 4)
     ref = ref_stateless(x, "GroupNorm", (2,), 2, 1e-6)
     ours = jnx.GroupNorm(6, num_groups=2, reduction_axes=(-1,), rngs=nnx.Rngs(0))
-    assert max_abs(ours(x), ref) < 2e-5
+    assert max_abs(_call(ours, x, None), ref) < 2e-5
     # flax.nnx 0.12.8 repeats the group statistics along the wrong axis
     # (jnp.repeat(..., axis=1) where the groups are on the last axis); measured
     # in the README's divergence list. Only recorded here, not asserted, so a
     # fixed flax does not break this test.
     theirs = nnx.GroupNorm(6, num_groups=2, reduction_axes=(-1,), use_fast_variance=False, rngs=nnx.Rngs(0))
-    print("flax.nnx GroupNorm reduction_axes=(-1,) max error:", max_abs(theirs(x), ref))
+    print("flax.nnx GroupNorm reduction_axes=(-1,) max error:", max_abs(_call(theirs, x, None), ref))
 
 
 def test_large_offset_flax_default_breaks_ours_does_not():
     rng = np.random.default_rng(0)
     x = (1e4 + 1e-2 * rng.standard_normal((16, 8))).astype(np.float32)
     ref = ref_standardize(x, (0,), None, 1e-5)[0]
-    ours = max_abs(jnx.BatchNorm(8, rngs=nnx.Rngs(0))(x), ref)
-    flax_default = max_abs(nnx.BatchNorm(8, rngs=nnx.Rngs(0))(x), ref)
+    ours = max_abs(_call(jnx.BatchNorm(8, rngs=nnx.Rngs(0)), x, None), ref)
+    flax_default = max_abs(_call(nnx.BatchNorm(8, rngs=nnx.Rngs(0)), x, None), ref)
     assert ours < 2e-2, ours
     assert flax_default > 0.5, flax_default
 
@@ -179,11 +179,11 @@ def test_cnn_train_step_with_optax_matches_flax():
     for lib in (nnx, jnx):
         model = CNN(lib, nnx.Rngs(0))
         opt = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
-        losses[lib.__name__] = [float(train_step(model, opt, x, labels)) for _ in range(4)]
+        losses[lib.__name__] = [float(train_step(model, opt, x, labels)) for _ in range(3)]
         model.eval()
         losses[lib.__name__].append(float(optax.softmax_cross_entropy_with_integer_labels(nnx.jit(lambda m, x: m(x))(model, x), labels).mean()))
     np.testing.assert_allclose(losses["jaxnorm.nnx"], losses["flax.nnx"], rtol=1e-5)
-    assert losses["jaxnorm.nnx"][3] < losses["jaxnorm.nnx"][0]
+    assert losses["jaxnorm.nnx"][2] < losses["jaxnorm.nnx"][0]
 
 
 def test_scan_split_merge_and_serialization():
