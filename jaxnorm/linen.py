@@ -226,8 +226,7 @@ class BatchNorm(nn.Module):
         mean = self.variable("batch_stats", "mean", lambda: fresh.mean)
         var = self.variable("batch_stats", "var", lambda: fresh.var)
         count = self.variable("batch_stats", "count", lambda: fresh.count)
-        scale = self.param("scale", self.scale_init, lay.feature_shape, self.param_dtype) if self.use_scale else None
-        bias = self.param("bias", self.bias_init, lay.feature_shape, self.param_dtype) if self.use_bias else None
+        scale, bias = _params(self, lay.feature_shape, self.use_scale, self.use_bias)
 
         initializing = self.is_initializing()
         if initializing and lay.values_per_feature < 2:
@@ -563,7 +562,7 @@ def fresh_batch_stats(variables: Mapping[str, Any]) -> dict[str, Any]:
 
     def reset(stats: dict[str, Any]) -> dict[str, Any]:
         fresh = jn.init_batch_stats(jnp.shape(stats["mean"]), dtype=jnp.result_type(stats["mean"]))
-        out = {**stats, "mean": fresh.mean, "var": fresh.var.astype(jnp.result_type(stats["var"]))}
+        out = {**stats, "mean": fresh.mean, "var": fresh.var}
         if "count" in stats:
             out["count"] = jnp.zeros_like(stats["count"])
         return out

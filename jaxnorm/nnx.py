@@ -33,6 +33,7 @@ from flax.nnx.nn import dtypes, initializers
 
 import jaxnorm as jn
 from jaxnorm._src import errors, precise_bn
+from jaxnorm._src.batch_norm import AVERAGES
 from jaxnorm._src.group_norm import check_groups
 from jaxnorm.linen import current_average
 
@@ -193,10 +194,19 @@ class BatchNorm(nnx.Module):
             self.mean[...], self.var[...], self.count[...] = new.mean, new.var, new.count
         return y
 
-    def set_view(self, use_running_average: bool | None = None) -> None:
-        """Used by ``nnx.view``: sets ``use_running_average`` when given."""
+    def set_view(self, use_running_average: bool | None = None, average: str | None = None) -> None:
+        """Used by ``nnx.view``: sets ``use_running_average`` and ``average`` when given.
+
+        Args:
+          use_running_average: if True, the stored statistics are used instead
+            of the batch's.
+          average: ``"ema"`` or ``"cumulative"``: ``nnx.view(model,
+            average="cumulative")`` is the recalibration hook.
+        """
         if use_running_average is not None:
             self.use_running_average = use_running_average
+        if average is not None:
+            self.average = errors.check_choice("jaxnorm.nnx.BatchNorm", "average", average, AVERAGES)
 
 
 class _Stateless(nnx.Module):
@@ -426,7 +436,7 @@ class GroupNorm(_Stateless):
         bias_metadata: Mapping[str, Any] = _EMPTY,
         scale_metadata: Mapping[str, Any] = _EMPTY,
     ):
-        groups = check_groups("jaxnorm.nnx.GroupNorm", num_features, num_groups, group_size)
+        groups, size = check_groups("jaxnorm.nnx.GroupNorm", num_features, num_groups, group_size)
         self._init_common(
             num_features, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
             use_bias=use_bias, use_scale=use_scale, bias_init=bias_init, scale_init=scale_init,
@@ -435,7 +445,7 @@ class GroupNorm(_Stateless):
             bias_metadata=bias_metadata, scale_metadata=scale_metadata,
         )
         self.num_groups = groups
-        self.group_size = num_features // groups
+        self.group_size = size
         self.reduction_axes = reduction_axes
         self.feature_axis = -1
 

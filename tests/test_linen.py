@@ -129,10 +129,10 @@ def test_group_norm_per_time_step_matches_reference():
     # flax.linen is right here (flax.nnx 0.12 is not: see test_nnx.py).
     x = make_input((3, 5, 6), 4)
     gn = jnl.GroupNorm(num_groups=2, reduction_axes=(-1,))
-    v = gn.init(KEY, x)
+    v = jax.jit(gn.init)(KEY, x)
     ref = ref_stateless(x, "GroupNorm", (2,), 2, 1e-6)
-    assert max_abs(gn.apply(v, x), ref) < 2e-5
-    flax_y = nn.GroupNorm(num_groups=2, reduction_axes=(-1,), use_fast_variance=False).apply(v, x)
+    assert max_abs(jax.jit(gn.apply)(v, x), ref) < 2e-5
+    flax_y = jax.jit(nn.GroupNorm(num_groups=2, reduction_axes=(-1,), use_fast_variance=False).apply)(v, x)
     assert max_abs(flax_y, ref) < 2e-5
 
 
@@ -148,8 +148,8 @@ def test_large_offset_flax_default_breaks_ours_does_not(name):
     mutable = ["batch_stats"] if name == "BatchNorm" else False
 
     def run(module):
-        v = module.init(KEY, x, **call)
-        out = module.apply(v, x, mutable=mutable, **call)
+        v = jax.jit(functools.partial(module.init, **call))(KEY, x)
+        out = jax.jit(functools.partial(module.apply, mutable=mutable, **call))(v, x)
         return out[0] if mutable else out
 
     ours = max_abs(run(getattr(jnl, name)()), ref)
@@ -334,3 +334,30 @@ def test_serialization_round_trip_and_flax_checkpoint_loading():
     chex.assert_trees_all_close(our_net.apply(loaded, x[:, 0, 0], train=False),
                                 flax_net.apply(fv, x[:, 0, 0], train=False), atol=1e-6)
     assert jax.tree.structure(loaded) == jax.tree.structure(our_net.init(KEY, x[:, 0, 0], train=False))
+
+
+def test_wrappers_hold_no_formula():
+    """linen.py and nnx.py: no arithmetic, no jnp/lax math, one core call per __call__."""
+    import ast
+    import pathlib
+
+    import jaxnorm
+
+    core = {"batch_norm", "layer_norm", "rms_norm", "group_norm", "instance_norm"}
+    allowed_jnp = {"asarray", "shape", "result_type", "zeros_like", "float32", "int32"}
+    arithmetic = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.Pow, ast.FloorDiv, ast.MatMult, ast.Mod)
+    for name in ("linen.py", "nnx.py"):
+        tree = ast.parse((pathlib.Path(jaxnorm.__file__).parent / name).read_text())
+        for node in ast.walk(tree):
+            assert not (isinstance(node, ast.BinOp) and isinstance(node.op, arithmetic)), (name, ast.unparse(node))
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in ("jnp", "lax"):
+                assert node.attr in allowed_jnp, (name, ast.unparse(node))
+        layers = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name in
+                  ("BatchNorm", "LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm")]
+        assert len(layers) == 5, name
+        for cls in layers:
+            call = next(f for f in cls.body if isinstance(f, ast.FunctionDef) and f.name == "__call__")
+            calls = [n.func.attr for n in ast.walk(call) if isinstance(n, ast.Call)
+                     and isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name)
+                     and n.func.value.id == "jn" and n.func.attr in core]
+            assert len(calls) == 1, (name, cls.name, calls)

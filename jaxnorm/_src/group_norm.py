@@ -21,8 +21,8 @@ from jaxnorm._src.normalize import affine, standardize
 Array = jax.Array
 
 
-def check_groups(fn: str, channels: int, num_groups: Any, group_size: Any, x_shape: Any = None) -> int:
-    """The number of groups G; raises unless exactly one of num_groups/group_size divides C."""
+def check_groups(fn: str, channels: int, num_groups: Any, group_size: Any, x_shape: Any = None) -> tuple[int, int]:
+    """``(G, C // G)``; raises unless exactly one of num_groups/group_size divides C."""
     shape = f"(..., {channels})" if x_shape is None else str(tuple(x_shape))
     if (num_groups is None) == (group_size is None):
         raise ValueError(
@@ -37,7 +37,8 @@ def check_groups(fn: str, channels: int, num_groups: Any, group_size: Any, x_sha
             f"{fn}: `{name}`={value!r} must divide the {channels} channels of `x` (shape "
             f"{shape}); pass a divisor of {channels} or {other}."
         )
-    return num_groups if num_groups is not None else channels // group_size
+    groups = num_groups if num_groups is not None else channels // group_size
+    return groups, channels // groups
 
 
 def _group_norm(
@@ -66,7 +67,8 @@ def _group_norm(
     channel_axes = errors.canonical_axes(fn, "channel_axis", channel_axis, x.shape)
     if 0 in channel_axes:
         raise ValueError(
-            f"{fn}: `channel_axis`={channel_axis!r} includes the batch axis 0 of `x` (shape "
+            f"{fn}: `channel_axis`={channel_axis!r} {'is' if len(channel_axes) == 1 else 'includes'} "
+            f"the batch axis 0 of `x` (shape "
             f"{x.shape}); the channel axis must be another one, e.g. -1 (NHWC) or 1 (NCHW)."
         )
     if reduction_axes is None:
@@ -85,10 +87,9 @@ def _group_norm(
     mask = errors.check_mask(fn, mask, x.shape)
     if len(channel_axes) == 1:
         (channel,) = channel_axes
-        groups = check_groups(fn, x.shape[channel], num_groups, group_size, x.shape)
-        channels = x.shape[channel]
+        groups, size = check_groups(fn, x.shape[channel], num_groups, group_size, x.shape)
         # (..., C, ...) -> (..., G, C // G, ...): reduce the within-group axis too.
-        split = x.shape[:channel] + (groups, channels // groups) + x.shape[channel + 1:]
+        split = x.shape[:channel] + (groups, size) + x.shape[channel + 1:]
         grouped_axes = tuple(a if a < channel else a + 1 for a in axes if a != channel) + (channel + 1,)
     else:
         if num_groups is not None or group_size != 1:
