@@ -9,7 +9,6 @@ import pytest
 import jaxnorm as jn
 import reference as ref
 
-EPS = 1e-5
 
 
 def mlp_params(seed=0, d_in=4, d_hidden=6, d_out=3):
