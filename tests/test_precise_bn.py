@@ -10,7 +10,6 @@ import jaxnorm as jn
 import reference as ref
 
 
-
 def mlp_params(seed=0, d_in=4, d_hidden=6, d_out=3):
     rng = np.random.default_rng(seed)
     return dict(
