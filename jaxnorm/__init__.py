@@ -14,6 +14,9 @@ from jaxnorm._src.batch_renorm import batch_renorm as batch_renorm
 from jaxnorm._src.batch_renorm import renorm_schedule as renorm_schedule
 from jaxnorm._src.group_norm import group_norm as group_norm
 from jaxnorm._src.group_norm import instance_norm as instance_norm
+from jaxnorm._src.inference import FoldPair as FoldPair
+from jaxnorm._src.inference import fold_batch_norm as fold_batch_norm
+from jaxnorm._src.inference import fold_batch_norms as fold_batch_norms
 from jaxnorm._src.layer_norm import layer_norm as layer_norm
 from jaxnorm._src.layer_norm import rms_norm as rms_norm
 from jaxnorm._src.normalize import normalize as normalize
@@ -24,8 +27,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BatchStats",
+    "FoldPair",
     "batch_norm",
     "batch_renorm",
+    "fold_batch_norm",
+    "fold_batch_norms",
     "group_norm",
     "init_batch_stats",
     "instance_norm",

@@ -282,3 +282,91 @@ def check_collection(fn: str, variables: Any, name: str) -> None:
             f"{fn}: `variables` has no {name!r} collection (it has {sorted(variables)}); "
             f"pass the variables `model.init` returned."
         )
+
+
+def check_fold_stats(fn: str, stats: Any) -> None:
+    """Raises unless ``stats`` has ``mean`` and ``var`` (a BatchStats or a mapping)."""
+    raise ValueError(
+        f"{fn}: `stats` must be a jn.BatchStats or a mapping with 'mean' and 'var', got "
+        f"{type(stats).__name__}; pass the batch norm's running statistics, e.g. "
+        f"`variables['batch_stats']['BatchNorm_0']`."
+    )
+
+
+def check_fold_feature_axis(fn: str, feature_axis: Any, kernel_shape: tuple[int, ...]) -> int:
+    """Returns ``feature_axis`` as a non-negative axis of the kernel; raises when it is not one."""
+    ndim = len(kernel_shape)
+    if ndim == 0:
+        raise ValueError(
+            f"{fn}: `kernel` must have at least one axis (the output features), got a "
+            f"scalar; pass the layer's kernel, e.g. (in, out) for Dense or (H, W, in, out) for Conv."
+        )
+    if isinstance(feature_axis, bool) or not isinstance(feature_axis, (int, np.integer)) or not -ndim <= feature_axis < ndim:
+        raise ValueError(
+            f"{fn}: `feature_axis`={feature_axis!r} is not an axis of `kernel` (shape "
+            f"{tuple(kernel_shape)}); pass an int in [{-ndim}, {ndim - 1}]: -1 for flax's "
+            f"Dense (in, out) and Conv (H, W, in, out), 0 for PyTorch's (out, in, ...)."
+        )
+    return int(feature_axis) % ndim
+
+
+def check_fold_vector(fn: str, name: str, value: Any, features: int, kernel_shape: tuple[int, ...], feature_axis: Any) -> None:
+    """Raises unless ``value`` is None or a floating vector of the layer's ``features`` outputs."""
+    if value is None:
+        return
+    shape = tuple(np.shape(value))
+    if shape != (features,):
+        raise ValueError(
+            f"{fn}: `{name}` has shape {shape}, but `kernel` (shape {tuple(kernel_shape)}) has "
+            f"{features} output features along `feature_axis`={feature_axis!r}; pass a "
+            f"({features},) array, or the `feature_axis` of the kernel's output features."
+        )
+    check_floating(fn, value, name)
+
+
+def check_fold_pair(fn: str, item: tuple[Any, ...]) -> None:
+    """One entry of ``pairs``: (layer_path, bn_path) or (layer_path, bn_path, epsilon)."""
+    if len(item) not in (2, 3):
+        raise ValueError(
+            f"{fn}: each entry of `pairs` must be (layer_path, bn_path) or (layer_path, "
+            f"bn_path, epsilon), got {item!r}; e.g. `[('Conv_0', 'BatchNorm_0')]` or "
+            f"`{{'Conv_0': 'BatchNorm_0'}}`."
+        )
+
+
+def check_fold_pairs_unique(fn: str, pairs: Sequence[tuple[tuple[str, ...], tuple[str, ...]]]) -> None:
+    """A layer takes one batch norm and a batch norm follows one layer."""
+    for idx, role in ((0, "layer"), (1, "batch norm")):
+        seen = [p[idx] for p in pairs]
+        twice = sorted({"/".join(p) for p in seen if seen.count(p) > 1})
+        if twice:
+            raise ValueError(
+                f"{fn}: `pairs` names the {role} {', '.join(twice)} more than once; each "
+                f"Dense/Conv folds the one batch norm its output goes into."
+            )
+
+
+def check_fold_paths(fn: str, layer_path: tuple[str, ...], layer: Any, bn_path: tuple[str, ...], bn_stats: Any) -> None:
+    """The layer must hold a ``kernel`` in ``params`` and the batch norm ``mean``/``var`` in ``batch_stats``."""
+    if layer is None or "kernel" not in layer:
+        raise ValueError(
+            f"{fn}: `pairs` names the layer {'/'.join(layer_path)!r}, but `variables['params']` "
+            f"has no Dense/Conv `kernel` there; give the path of the layer's module, e.g. "
+            f"'Block_0/Conv_0' (see `jaxnorm.linen.batch_norm_pairs`)."
+        )
+    if bn_stats is None or "mean" not in bn_stats or "var" not in bn_stats:
+        raise ValueError(
+            f"{fn}: `pairs` names the batch norm {'/'.join(bn_path)!r}, but "
+            f"`variables['batch_stats']` has no 'mean' and 'var' there; give the path of "
+            f"the BatchNorm module, e.g. 'Block_0/BatchNorm_0'."
+        )
+
+
+def check_batch_norm_follows_layer(fn: str, bn_path: str, reason: str) -> None:
+    """A batch norm that cannot be folded into the layer before it."""
+    raise ValueError(
+        f"{fn}: cannot fold the batch norm {bn_path!r}: {reason}. Folding supports a "
+        f"Dense/Conv whose output goes straight into a BatchNorm over the last axis; keep "
+        f"this batch norm in the folded model, or pass `strict=False` to fold only the "
+        f"supported pairs."
+    )
