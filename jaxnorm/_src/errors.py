@@ -370,3 +370,34 @@ def check_batch_norm_follows_layer(fn: str, bn_path: str, reason: str) -> None:
         f"this batch norm in the folded model, or pass `strict=False` to fold only the "
         f"supported pairs."
     )
+
+
+def check_torch_layer_found(fn: str, prefix: str, wanted: Sequence[str], n_keys: int, layers: Sequence[str]) -> None:
+    """No entry of the layer under ``prefix`` in a PyTorch state dict."""
+    hint = f" (layers that have them: {', '.join(repr(x) for x in layers[:6])})" if layers else ""
+    example = layers[0] if layers else "bn1"
+    raise ValueError(
+        f"{fn}: `state_dict` ({n_keys} keys) has none of {', '.join(wanted)} under "
+        f"`prefix`={prefix!r}{hint}; pass the layer's name as `prefix=`, e.g. `prefix={example!r}`."
+    )
+
+
+def check_no_running_stats(fn: str, prefix: str) -> None:
+    """A per-example norm (PyTorch InstanceNorm with track_running_stats=True) with running statistics."""
+    raise ValueError(
+        f"{fn}: the layer under `prefix`={prefix!r} keeps running statistics "
+        f"(track_running_stats=True), which a per-example norm does not use; in eval mode "
+        f"such a layer is batch norm over its channels: convert it with "
+        f"`batch_norm_from_torch` and use `jn.batch_norm(..., axis=1)`."
+    )
+
+
+def check_torch_momentum(fn: str, momentum: Any) -> None:
+    """A batch-norm momentum in [0, 1]; None (PyTorch's cumulative average) has no counterpart."""
+    if momentum is None:
+        raise ValueError(
+            f"{fn}: `momentum`=None is PyTorch's cumulative average, which has no "
+            f"momentum; pass `average='cumulative'` to jn.batch_norm instead."
+        )
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.floating, np.integer)) or not 0.0 <= float(momentum) <= 1.0:
+        raise ValueError(f"{fn}: `momentum`={momentum!r} must be a number in [0, 1], e.g. `momentum=0.1`.")
