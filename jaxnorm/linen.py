@@ -757,7 +757,7 @@ def batch_norm_pairs(model: nn.Module, variables: Mapping[str, Any], *args: Any,
     def record(next_fun: Any, call_args: Any, call_kwargs: Any, context: Any) -> Any:
         out = next_fun(*call_args, **call_kwargs)
         if context.method_name == "__call__":
-            calls.append((context.module, tuple(call_args) + tuple(call_kwargs.values()), out))
+            calls.append((context.module, (*call_args, *call_kwargs.values()), out))
         return out
 
     with nn.intercept_methods(record):
@@ -793,8 +793,8 @@ def _fold_refusal(fn: str, bn: nn.Module, layer: Any, x: Any, paths: list[Any], 
         return "the batch norm is called more than once"
     if paths.count(layer.path) > 1:
         return f"the layer {name!r} before it is called more than once"
-    axes = errors.canonical_axes(fn, "axis", bn.axis, jnp.shape(x))
-    if axes != (len(jnp.shape(x)) - 1,):
+    last = errors.canonical_axes(fn, "axis", -1, jnp.shape(x))
+    if errors.canonical_axes(fn, "axis", bn.axis, jnp.shape(x)) != last:
         return (f"it normalizes axis {bn.axis!r} of its input (shape {jnp.shape(x)}), not the "
                 f"last axis, which holds the output features of {name!r}")
     users = ["/".join(m.path) for m, inputs, _ in calls if m is not bn and any(i is x for i in inputs)]
