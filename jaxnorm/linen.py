@@ -797,7 +797,9 @@ def _fold_refusal(fn: str, bn: nn.Module, layer: Any, x: Any, paths: list[Any], 
     if errors.canonical_axes(fn, "axis", bn.axis, jnp.shape(x)) != last:
         return (f"it normalizes axis {bn.axis!r} of its input (shape {jnp.shape(x)}), not the "
                 f"last axis, which holds the output features of {name!r}")
-    users = ["/".join(m.path) for m, inputs, _ in calls if m is not bn and any(i is x for i in inputs)]
+    # modules around the batch norm (a wrapper handing x on to it) do not count as other users
+    users = ["/".join(m.path) for m, inputs, _ in calls
+             if bn.path[:len(m.path)] != m.path and any(i is x for i in inputs)]
     if users:
         return f"the output of {name!r} is also the input of {', '.join(users)}"
     return None

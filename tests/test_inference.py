@@ -195,7 +195,7 @@ def test_batch_norm_pairs_finds_every_layer_and_epsilon(trained):
 def test_folded_linen_model_equals_original_in_eval_mode(trained):
     variables, x = trained
     folded = jnl.fold_batch_norms(variables, jnl.batch_norm_pairs(Net(), variables, x))
-    assert "batch_stats" not in folded
+    assert "batch_stats" not in folded and "batch_stats" in variables  # the input is left as it was
     want = jax.jit(lambda v, x: Net().apply(v, x))(variables, x)
     got = jax.jit(lambda v, x: Net(use_bn=False).apply(v, x))(folded, x)
     chex.assert_trees_all_close(got, want, atol=2e-5, rtol=2e-5)
@@ -258,6 +258,24 @@ def test_unsupported_patterns_raise(model, match):
     with pytest.raises(ValueError, match=match):
         jnl.batch_norm_pairs(model, variables, x)
     assert jnl.batch_norm_pairs(model, variables, x, strict=False) == []
+
+
+class Norm(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return jnl.BatchNorm(use_running_average=True)(x)
+
+
+class Wrapped(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return Norm()(nn.Dense(4)(x))
+
+
+def test_batch_norm_inside_a_wrapper_module_is_found():
+    x = jnp.ones((2, 3))
+    variables = jax.eval_shape(Wrapped().init, jax.random.key(0), x)
+    assert jnl.batch_norm_pairs(Wrapped(), variables, x) == [(("Dense_0",), ("Norm_0", "BatchNorm_0"), 1e-5)]
 
 
 def test_flax_batch_norm_is_folded_too():
