@@ -309,3 +309,17 @@ def test_checkpoint_round_trip_of_batch_stats_and_layer_variables(trained, tmp_p
     assert restored["stats"].count.dtype == jnp.int32 and int(restored["stats"].count) == 7
     chex.assert_trees_all_equal(restored["stats"], stats)
     chex.assert_trees_all_equal(restored["variables"], serialization.to_state_dict(variables))
+
+
+def test_orbax_checkpoint_round_trip_keeps_batch_stats(trained, tmp_path):
+    ocp = pytest.importorskip("orbax.checkpoint")
+    variables, x = trained
+    stats = jn.BatchStats(jnp.arange(3.0), jnp.full(3, 2.0), jnp.asarray(7, jnp.int32))
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(tmp_path / "ckpt", {"stats": stats, "variables": variables})
+    checkpointer.wait_until_finished()
+    target = {"stats": jn.init_batch_stats(3), "variables": jax.eval_shape(Net().init, jax.random.key(5), x)}
+    restored = checkpointer.restore(tmp_path / "ckpt", target)
+    assert isinstance(restored["stats"], jn.BatchStats) and restored["stats"].count.dtype == jnp.int32
+    chex.assert_trees_all_equal(restored["stats"], stats)
+    chex.assert_trees_all_equal(restored["variables"], serialization.to_state_dict(variables))
