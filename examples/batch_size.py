@@ -21,8 +21,9 @@ with the batch (0.1 at 32), 3 seeds per configuration. The methods:
   paper's Caffe2 default).
 - ``bn_precise``: the same trained networks, evaluated after PreciseBN
   (``jn.recalibrate``: population statistics as the mean of the per-batch
-  statistics over one pass of the training set, in batches of the training
-  batch size, Wu & Johnson 2021).
+  statistics over ``1300 // 2`` batches of the training batch size: one
+  pass over the training set at B = 2, several at larger B; Wu & Johnson
+  2021).
 - ``renorm``: batch renormalization (``jn.batch_renorm``) with the warm-up of
   ``jn.renorm_schedule`` scaled to the run: plain batch norm for the first 5%
   of the steps, ``d_max`` 0 -> 5 by 20% and ``r_max`` 1 -> 3 by 30% (about
@@ -56,7 +57,7 @@ qualitative check, not a reproduction:
 - Fully connected batch norm estimates each feature's statistics from the B
   values of the batch, nothing else: at B = 2 every feature is normalized
   to -1 and +1 (up to epsilon) in training. A convolutional layer has B x H x W
-  values per channel (ResNet-50 at B = 2: 98 in its last stage, thousands in
+  values per channel (ResNet-50 at B = 2: 98 in its last stage, 25,088 in
   the first). The collapse here is therefore much steeper than the paper's
   (tens of points, not eleven). We tried a 3-layer CNN on the 8x8 images
   first: with 2 x 8 x 8 values per channel its batch norm hardly degraded
