@@ -136,7 +136,7 @@ def merge_across_devices(local: Moments, axis_name: Any, axis_index_groups: Any 
     shape = jnp.broadcast_shapes(local.var.shape, local.count.shape)
     packed = jnp.stack([jnp.broadcast_to(a, shape) for a in local])
     gathered = lax.all_gather(packed, axis_name, axis_index_groups=axis_index_groups)
-    n, shift, offset, var = gathered[:, 0], gathered[:, 1], gathered[:, 2], gathered[:, 3]
+    shift, offset, var, n = gathered[:, 0], gathered[:, 1], gathered[:, 2], gathered[:, 3]
     total = jnp.sum(n, axis=0)
     weight = n / jnp.maximum(total, 1)
     ref = jnp.argmax(n, axis=0)
