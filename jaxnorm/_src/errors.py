@@ -282,3 +282,19 @@ def check_collection(fn: str, variables: Any, name: str) -> None:
             f"{fn}: `variables` has no {name!r} collection (it has {sorted(variables)}); "
             f"pass the variables `model.init` returned."
         )
+
+
+def check_axis_index_groups(fn: str, groups: Any, size: int, axis_name: Any) -> tuple[tuple[int, ...], ...]:
+    """Groups must split the indices 0..size-1 of ``axis_name`` into disjoint, non-empty lists."""
+    try:
+        out = tuple(tuple(int(i) for i in g) for g in groups)
+    except TypeError:
+        out = None
+    flat = sorted(i for g in (out or ()) for i in g)
+    if out is None or any(len(g) == 0 for g in out) or flat != list(range(size)):
+        raise ValueError(
+            f"{fn}: `axis_index_groups`={groups!r} must split the {size} indices of "
+            f"`axis_name`={axis_name!r} into disjoint non-empty groups that together hold "
+            f"each of 0..{size - 1} once; e.g. [[0, 1], [2, 3]] for 4 devices in pairs."
+        )
+    return out

@@ -126,17 +126,36 @@ def compute_moments(
 
 
 def merge_across_devices(local: Moments, axis_name: Any, axis_index_groups: Any = None) -> Moments:
-    """Exact count-weighted merge of per-device moments in one ``all_gather``.
+    """Exact count-weighted merge of per-device moments in one ``psum``.
 
     Chan et al.: with per-device counts n_i, means m_i and variances v_i,
     N = sum n_i, m = sum n_i m_i / N, v = (sum n_i v_i + sum n_i (m_i - m)^2) / N.
     Means are taken relative to one reference shift (the device holding the
     most values) so that differences of large means stay exact.
+
+    The exchange is an all-gather written as a ``psum``: each device writes its
+    four numbers per statistic into its own slot of a zero buffer with one slot
+    per device, and the sum fills every slot (adding zeros is exact, and
+    ``.at[].set`` keeps a device's NaN in its own slot). ``lax.all_gather``
+    would move half the bytes, but under ``shard_map`` its result is typed as
+    varying over the axis, so the merged statistics could not be returned with
+    ``out_specs=P()``; the ``psum`` result is replicated by type. Groups are
+    applied after the exchange, by giving the other groups' slots zero
+    weight, so ``axis_index_groups`` works under ``vmap`` and ``shard_map`` too
+    (``lax.psum`` supports it under ``pmap`` only).
     """
     shape = jnp.broadcast_shapes(local.var.shape, local.count.shape)
     packed = jnp.stack([jnp.broadcast_to(a, shape) for a in local])
-    gathered = lax.all_gather(packed, axis_name, axis_index_groups=axis_index_groups)
+    size = lax.axis_size(axis_name)
+    me = lax.axis_index(axis_name)
+    slots = jnp.zeros((size,) + packed.shape, packed.dtype).at[me].set(packed)
+    gathered = lax.psum(slots, axis_name)
     shift, offset, var, n = gathered[:, 0], gathered[:, 1], gathered[:, 2], gathered[:, 3]
+    if axis_index_groups is not None:
+        groups = errors.check_axis_index_groups("moments", axis_index_groups, size, axis_name)
+        member = jnp.asarray(_membership(groups, size))[me]
+        member = jnp.reshape(member, (size,) + (1,) * len(shape))
+        shift, offset, var, n = (jnp.where(member, a, 0) for a in (shift, offset, var, n))
     total = jnp.sum(n, axis=0)
     weight = n / jnp.maximum(total, 1)
     ref = jnp.argmax(n, axis=0)
@@ -148,11 +167,53 @@ def merge_across_devices(local: Moments, axis_name: Any, axis_index_groups: Any 
     return Moments(ref_shift, mean_delta, merged_var, total)
 
 
+def _membership(groups: tuple[tuple[int, ...], ...], size: int) -> Any:
+    """(size, size) bool NumPy table: row i marks the indices in i's group."""
+    import numpy as np
+
+    table = np.zeros((size, size), bool)
+    for g in groups:
+        for i in g:
+            table[i, list(g)] = True
+    return table
+
+
+def varies_over(x: Array, axis_name: Any) -> bool:
+    """Whether ``shard_map``'s type system (``check_vma=True``) marks ``x`` as varying over ``axis_name``.
+
+    False under ``vmap``, ``pmap`` and ``shard_map(check_vma=False)``, which do
+    not track this. The attribute moved between JAX versions, hence the lookups.
+    """
+    aval = jax.typeof(x)
+    vma = getattr(aval, "vma", None)
+    if vma is None:
+        vma = getattr(getattr(aval, "mat", None), "varying", None)
+    if not vma:
+        return False
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    return all(n in vma for n in names)
+
+
 def sum_across(values: Array, axis_name: Any, axis_index_groups: Any = None) -> Array:
-    """``psum`` over ``axis_name`` (identity when it is None); used by the fused backward."""
+    """Sum over ``axis_name`` (identity when it is None), within groups if given: one ``psum``.
+
+    With groups, each device writes ``values`` into its group's slot of a zero
+    buffer (one slot per group), so one ``psum`` sums every group at once and
+    each device reads its own group's slot.
+    """
     if axis_name is None:
         return values
-    return lax.psum(values, axis_name, axis_index_groups=axis_index_groups)
+    if axis_index_groups is None:
+        return lax.psum(values, axis_name)
+    size = lax.axis_size(axis_name)
+    groups = errors.check_axis_index_groups("moments", axis_index_groups, size, axis_name)
+    group_of = [0] * size
+    for k, g in enumerate(groups):
+        for i in g:
+            group_of[i] = k
+    mine = jnp.asarray(group_of)[lax.axis_index(axis_name)]
+    slots = jnp.zeros((len(groups),) + values.shape, values.dtype).at[mine].set(values)
+    return lax.psum(slots, axis_name)[mine]
 
 
 def moments(
