@@ -162,7 +162,7 @@ def outside_grads(mode, x, scale, bias, w, *mask):
     loss = lambda x, s, b: jnp.sum(f(x, s, b) * w)  # noqa: E731
     grad = jax.grad(loss, argnums=(0, 1, 2))
     if mode in ("pmap", "vmap"):
-        return grad(x, scale, bias) if mode == "pmap" else jax.jit(grad)(x, scale, bias)
+        return jax.jit(grad)(x, scale, bias)
     return jax.jit(grad)(shard(x), scale, bias)
 
 
@@ -260,7 +260,7 @@ def test_flax_averages_per_device_means_and_is_wrong_with_uneven_counts():
         vm = nn.vmap(MaskedBN, variable_axes={"params": None, "batch_stats": None}, split_rngs={"params": False},
                      axis_name=AXIS)(cls, kw)
         xs, ms = x.reshape(D, per, -1), valid.reshape(D, per, 1)
-        v = vm.init(jax.random.key(0), xs, ms)
+        v = jax.jit(vm.init)(jax.random.key(0), xs, ms)
         y, upd = jax.jit(lambda v, x, m: vm.apply(v, x, m, mutable=["batch_stats"]))(v, xs, ms)
         ys[lib], stats[lib] = y.reshape(x.shape), upd["batch_stats"]["bn"]
     mean = x[valid[:, 0]].astype(np.float64).mean(0)
