@@ -11,7 +11,11 @@ the analytic one of Ioffe & Szegedy 2015, section 3, written as a
 devices), which needs two reductions and one elementwise pass where autodiff of
 the two-pass forward needs more. Cotangents of the returned mean and variance
 are folded into the same pass, and the four per-statistic sums go through a
-single ``psum`` across devices. Values excluded by ``mask`` do not enter the
+single ``psum`` across devices: with ``axis_name`` the forward pass has one
+collective (the moments exchange of :mod:`stats`) and the backward pass one.
+Under ``shard_map``'s replication typing (``check_vma=True``) the cotangents
+of the replicated statistics arrive already summed over devices, so they are
+left out of that ``psum``. Values excluded by ``mask`` do not enter the
 statistics, so their own gradient is ``inv * g``; their outputs still depend
 on the statistics, and those cotangents reach the valid values exactly as
 autodiff of a masked mean would send them (a loss that ignores padded outputs

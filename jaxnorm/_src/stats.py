@@ -20,14 +20,40 @@ replaced by zeros with ``jnp.where`` before any arithmetic, so NaN or inf there
 reaches neither the statistics nor their gradients.
 
 Across devices. With ``axis_name``, each device computes its local
-``(count, shift, offset, var)`` and the devices exchange them in **one**
-``all_gather`` (4 numbers per statistic per device, never the data). Every device
+``(shift, offset, var, count)`` and the devices exchange them in **one**
+``psum`` (four numbers per statistic per device, never the data). Every device
 then merges them exactly and identically with Chan et al.'s pairwise formula,
-count-weighted (devices may hold different numbers of valid values) and relative
-to a common reference shift, so no cross-device ``E[x^2] - E[x]^2`` appears
-either. A ``psum`` of ``(n, n*mean, M2 + n*mean^2)`` would also be one collective
-but reintroduces exactly that cancellation; an all-gather of four small vectors
-costs the same latency and keeps the merge exact.
+count-weighted (devices may hold different numbers of valid values, so the
+global mean is not the mean of per-device means, which is what flax computes)
+and relative to a common reference shift, so no cross-device
+``E[x^2] - E[x]^2`` appears either. A ``psum`` of ``(n, n*mean, M2 + n*mean^2)``
+would also be one collective but reintroduces exactly that cancellation; the
+exchange of per-device moments costs the same latency and keeps the merge exact.
+
+Collectives, forward and backward (what the compiled HLO shows; the tests count them):
+
+- ``axis_name`` (``shard_map``, ``pmap``, ``vmap``): **one** all-reduce in the
+  forward pass (the moments exchange above) and **one** in the backward pass
+  (the fused backward of :mod:`normalize` stacks its per-feature sums into a
+  single ``psum``). Both are tiny: O(devices x features) and O(features).
+- Sharded ``jax.jit`` without ``axis_name``: XLA partitions the reductions
+  itself. The forward has **two** all-reduces, because the two-pass variance
+  needs the global ``shift`` before it can reduce ``x - shift`` (XLA combines
+  that pass's sums, and the count with a mask, into one), and the backward adds
+  **one**: three in a training step, none of them an all-gather of the data.
+  ``shard_map`` with ``axis_name`` saves one, since each device's own shift is
+  good enough locally and the exact merge fixes the rest.
+
+``axis_index_groups`` (e.g. ``[[0, 1, 2, 3], [4, 5, 6, 7]]``) makes each group of
+indices of ``axis_name`` compute statistics over its own devices only. The
+groups must split the indices into disjoint non-empty lists (sizes may differ);
+they are applied after the one exchange, so they work under ``vmap`` and
+``shard_map`` as well as ``pmap`` and cost no extra collective.
+
+Gradients: the gradient of each device's local loss with respect to its local
+input is the gradient of the global loss (the sum of the devices' losses) with
+respect to that input, as if the whole batch were on one device; this is what
+data-parallel training needs (PyTorch's SyncBatchNorm does the same).
 """
 
 from __future__ import annotations
@@ -239,8 +265,11 @@ def moments(
         that count. Masked values (NaN included) reach neither the statistics
         nor their gradients.
       axis_name: also reduce over this named axis (``shard_map``, ``pmap``,
-        ``vmap(axis_name=...)``); count-weighted and exact, one ``all_gather``.
-      axis_index_groups: reduce only within these groups of indices of ``axis_name``.
+        ``vmap(axis_name=...)``): count-weighted and exact (Chan et al.'s
+        merge of per-device moments), one all-reduce forward; its gradient
+        (autodiff of that all-reduce) is one more.
+      axis_index_groups: reduce only within these groups of indices of
+        ``axis_name`` (disjoint, non-empty, together every index once).
       keepdims: keep the reduced axes with size 1.
 
     Returns:
@@ -248,13 +277,18 @@ def moments(
       ``promote_types(x.dtype, float32)``.
 
     Raises:
-      ValueError: non-floating ``x``, bad ``axes`` or a mask that does not broadcast.
+      ValueError: non-floating ``x``, bad ``axes``, a mask that does not
+        broadcast, or ``axis_index_groups`` that do not split the axis.
 
     Example:
-      >>> import jax.numpy as jnp, jaxnorm as jn
+      >>> import jax, jax.numpy as jnp, jaxnorm as jn
       >>> x = jnp.array([[1., 2.], [3., 6.]])
       >>> mean, var = jn.moments(x, 0)
       >>> mean.tolist(), var.tolist()
+      ([2.0, 4.0], [1.0, 4.0])
+      >>> # the same statistics with the rows on two "devices" of a named axis:
+      >>> mean, var = jax.vmap(lambda r: jn.moments(r, 0, axis_name="d"), axis_name="d")(x[:, None])
+      >>> mean[0].tolist(), var[0].tolist()
       ([2.0, 4.0], [1.0, 4.0])
     """
     fn = "moments"
