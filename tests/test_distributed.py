@@ -323,8 +323,32 @@ def test_axis_index_groups_each_group_equals_its_own_reference(mode, name):
 def test_bad_axis_index_groups_are_refused(groups):
     x, w, scale, bias = problem()
     f = distribute("vmap", functools.partial(group_step, groups=groups), stats_out=P(AXIS))
-    with pytest.raises(ValueError, match=r"`axis_index_groups`=.* must split the 8 indices of `axis_name`='batch'"):
+    with pytest.raises(ValueError, match=r"batch_norm: `axis_index_groups`=.* must split the 8 indices of `axis_name`='batch'"):
         f(x, scale, bias, w)
+
+
+def test_axis_index_groups_without_axis_name_are_refused():
+    x, w, scale, bias = problem()
+    with pytest.raises(ValueError, match=r"moments: `axis_index_groups`=.* without `axis_name`"):
+        jn.moments(x, 0, axis_index_groups=[[0, 1], [2, 3]])
+    with pytest.raises(ValueError, match=r"batch_norm: `axis_index_groups`=.* without `axis_name`"):
+        bn_step(x, scale, bias, w, axis_name=None, axis_index_groups=[[0, 1], [2, 3]])
+
+
+def test_several_mesh_axes_as_one_axis_name():
+    """A batch sharded over two mesh axes: axis_name=("a", "b") synchronizes over both."""
+    mesh = jax.make_mesh((4, 2), ("a", "b"))
+    x, w, scale, bias = problem(seed=13)
+    names = ("a", "b")
+    f = jax.jit(jax.shard_map(functools.partial(bn_step, axis_name=names), mesh=mesh,
+                              in_specs=(P(names), P(), P(), P(names)), out_specs=(P(names), P(), P(), P(names))))
+    put = lambda a: jax.device_put(a, NamedSharding(mesh, P(names)))  # noqa: E731
+    y, mean, var, dx = f(put(x), scale, bias, put(w))
+    want = reference(x, w, scale, bias)
+    check(y, want["y"], 2e-5)
+    check(dx, want["dx"], 2e-5)
+    check(mean, want["mean"], 1e-6, 1e-5)
+    check(var, want["var"], 1e-6, 1e-5)
 
 
 def test_one_example_per_device_under_vmap_is_not_refused():

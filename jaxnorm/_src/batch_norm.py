@@ -223,7 +223,9 @@ def batch_standardize(
     ghost_batch_size = errors.check_ghost_batch_size(
         fn, ghost_batch_size, x.shape, lay.feature_axes, per_example, axis_name
     )
+    errors.check_axis_index_groups(fn, axis_index_groups, axis_name)
     if axis_name is None:
+        # With a named axis the other devices supply the rest of the batch.
         errors.check_enough_values(fn, lay.values_per_feature, x.shape, axis)
     view = batch_view(x, lay, mask, ghost_batch_size)
     x_hat, m = standardize(

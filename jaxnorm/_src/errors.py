@@ -284,8 +284,21 @@ def check_collection(fn: str, variables: Any, name: str) -> None:
         )
 
 
-def check_axis_index_groups(fn: str, groups: Any, size: int, axis_name: Any) -> tuple[tuple[int, ...], ...]:
-    """Groups must split the indices 0..size-1 of ``axis_name`` into disjoint, non-empty lists."""
+def check_axis_index_groups(fn: str, groups: Any, axis_name: Any) -> tuple[tuple[int, ...], ...] | None:
+    """Groups must split the indices of ``axis_name`` into disjoint, non-empty lists; None passes.
+
+    Call it where ``axis_name`` is bound (inside shard_map, pmap or vmap): the
+    size of the axis is read from there.
+    """
+    if groups is None:
+        return None
+    if axis_name is None:
+        raise ValueError(
+            f"{fn}: `axis_index_groups`={groups!r} was given without `axis_name`; the groups "
+            f"are groups of indices along a named axis, so pass `axis_name=` as well (or drop "
+            f"`axis_index_groups`)."
+        )
+    size = jax.lax.axis_size(axis_name)
     try:
         out = tuple(tuple(int(i) for i in g) for g in groups)
     except TypeError:

@@ -178,7 +178,7 @@ def merge_across_devices(local: Moments, axis_name: Any, axis_index_groups: Any 
     gathered = lax.psum(slots, axis_name)
     shift, offset, var, n = gathered[:, 0], gathered[:, 1], gathered[:, 2], gathered[:, 3]
     if axis_index_groups is not None:
-        groups = errors.check_axis_index_groups("moments", axis_index_groups, size, axis_name)
+        groups = errors.check_axis_index_groups("moments", axis_index_groups, axis_name)
         member = jnp.asarray(_membership(groups, size))[me]
         member = jnp.reshape(member, (size,) + (1,) * len(shape))
         shift, offset, var, n = (jnp.where(member, a, 0) for a in (shift, offset, var, n))
@@ -232,7 +232,7 @@ def sum_across(values: Array, axis_name: Any, axis_index_groups: Any = None) -> 
     if axis_index_groups is None:
         return lax.psum(values, axis_name)
     size = lax.axis_size(axis_name)
-    groups = errors.check_axis_index_groups("moments", axis_index_groups, size, axis_name)
+    groups = errors.check_axis_index_groups("moments", axis_index_groups, axis_name)
     group_of = [0] * size
     for k, g in enumerate(groups):
         for i in g:
@@ -296,6 +296,7 @@ def moments(
     x = jnp.asarray(x)
     red = errors.canonical_axes(fn, "axes", axes, x.shape)
     mask = errors.check_mask(fn, mask, x.shape)
+    errors.check_axis_index_groups(fn, axis_index_groups, axis_name)
     m = compute_moments(x, red, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups)
     mean, var = m.mean, m.var
     if not keepdims:
