@@ -63,6 +63,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxnorm._src import errors
@@ -186,7 +187,9 @@ def merge_across_devices(local: Moments, axis_name: Any, axis_index_groups: Any 
     weight = n / jnp.maximum(total, 1)
     ref = jnp.argmax(n, axis=0)
     ref_shift = lax.stop_gradient(jnp.take_along_axis(shift, ref[None], axis=0)[0])
-    delta = (shift - ref_shift) + offset
+    # A device without valid values has weight 0; its delta is zeroed too so a
+    # huge reference shift cannot square to inf and turn 0 * inf into NaN.
+    delta = jnp.where(n > 0, (shift - ref_shift) + offset, 0)
     mean_delta = jnp.sum(weight * delta, axis=0)
     spread = delta - mean_delta
     merged_var = jnp.sum(weight * (var + spread * spread), axis=0)
@@ -195,8 +198,6 @@ def merge_across_devices(local: Moments, axis_name: Any, axis_index_groups: Any 
 
 def _membership(groups: tuple[tuple[int, ...], ...], size: int) -> Any:
     """(size, size) bool NumPy table: row i marks the indices in i's group."""
-    import numpy as np
-
     table = np.zeros((size, size), bool)
     for g in groups:
         for i in g:
