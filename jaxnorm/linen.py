@@ -153,7 +153,10 @@ class BatchNorm(nn.Module):
       use_bias, use_scale: learn beta / gamma.
       bias_init, scale_init: their initializers.
       axis_name: named axis (``nn.vmap``, ``shard_map``, ``pmap``) to synchronize
-        statistics over (ignored during ``init``, as in flax).
+        statistics over (ignored during ``init``, as in flax): count-weighted
+        global statistics, one all-reduce forward and one backward (see
+        :func:`jaxnorm.batch_norm`); flax's own layer averages per-device
+        means instead, which is wrong when masks leave devices uneven counts.
       axis_index_groups: groups of ``axis_name`` indices that synchronize among themselves.
       use_fast_variance: accepted for flax compatibility and ignored: the
         variance is always the stable two-pass one.

@@ -86,7 +86,9 @@ class BatchNorm(nnx.Module):
       param_dtype: dtype of scale and bias.
       use_bias, use_scale: learn beta / gamma.
       bias_init, scale_init: their initializers.
-      axis_name, axis_index_groups: synchronize statistics over a named axis.
+      axis_name, axis_index_groups: synchronize statistics over a named axis
+        (count-weighted global statistics, one all-reduce forward and one
+        backward; see :func:`jaxnorm.batch_norm`).
       use_fast_variance: accepted for flax compatibility and ignored (the
         variance is always the stable two-pass one).
       promote_dtype: flax's dtype-promotion function, applied to x and the params.

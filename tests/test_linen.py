@@ -283,8 +283,6 @@ def test_transforms_scan_remat_vmap_jit_match_flax():
     chex.assert_trees_all_close(outs["ours"], outs["flax"], atol=5e-5, rtol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="core cross-device merge reads its fields in the wrong "
-                   "order; fixed on branch issue4 (68d6457): remove this mark once merged")
 def test_vmap_axis_name_synchronizes_like_whole_batch():
     x = make_input((6, 3), 5)
     ys = {}

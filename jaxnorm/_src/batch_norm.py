@@ -223,7 +223,9 @@ def batch_standardize(
     ghost_batch_size = errors.check_ghost_batch_size(
         fn, ghost_batch_size, x.shape, lay.feature_axes, per_example, axis_name
     )
+    errors.check_axis_index_groups(fn, axis_index_groups, axis_name)
     if axis_name is None:
+        # With a named axis the other devices supply the rest of the batch.
         errors.check_enough_values(fn, lay.values_per_feature, x.shape, axis)
     view = batch_view(x, lay, mask, ghost_batch_size)
     x_hat, m = standardize(
@@ -344,8 +346,19 @@ def batch_norm(
         that count. Masked values (NaN included) reach neither the statistics nor
         their gradients; their outputs are normalized with the same statistics.
         A ghost batch without valid values is left out of the running statistics.
-      axis_name: named axis (shard_map, pmap, vmap) to synchronize statistics over.
-      axis_index_groups: groups of ``axis_name`` indices that synchronize among themselves.
+      axis_name: named axis (``shard_map``, ``pmap``, ``vmap``) to synchronize
+        statistics over: the batch statistics (and the running ones, and the
+        ``unbiased`` m) are those of the global batch, count-weighted when
+        masks leave devices different numbers of valid values. One all-reduce
+        in the forward pass (the exact merge of per-device moments) and one in
+        the backward pass (the fused backward's sums); the gradient of each
+        device's local loss w.r.t. its input is the single-device gradient of
+        the summed loss. With one example per device, the named axis supplies
+        the rest of the batch, so it is not refused. Under sharded ``jax.jit``
+        leave it None: XLA inserts the all-reduces (two forward, one backward).
+      axis_index_groups: groups of ``axis_name`` indices that synchronize among
+        themselves, e.g. ``[[0, 1, 2, 3], [4, 5, 6, 7]]``; disjoint, non-empty,
+        together every index once.
       ghost_batch_size: normalize each consecutive group of this many examples
         (axis 0, which must not be a feature axis and which it must divide) with
         its own statistics; the running statistics take the mean of the groups'.
@@ -358,7 +371,9 @@ def batch_norm(
     Raises:
       ValueError: bad axes, shapes, mask, option values, a traced ``training``,
         non-floating input, training with one value per feature (per ghost
-        batch), or a ``ghost_batch_size`` that does not divide the batch.
+        batch; not checked with ``axis_name``), a ``ghost_batch_size`` that does
+        not divide the batch or comes with ``axis_name``, or bad
+        ``axis_index_groups``.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxnorm as jn

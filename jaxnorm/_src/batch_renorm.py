@@ -104,7 +104,9 @@ def batch_renorm(
         closely: keep ``momentum`` moderate (e.g. 0.99).
       epsilon: added to the variances.
       mask: bool, broadcasts to ``x``; True marks values that count.
-      axis_name: named axis to synchronize batch statistics over.
+      axis_name: named axis to synchronize batch statistics over (as in
+        :func:`jaxnorm.batch_norm`: one all-reduce forward, one backward; ``r``
+        and ``d`` then come from the global batch's statistics).
       average: ``"ema"`` or ``"cumulative"``, as in :func:`jaxnorm.batch_norm`.
       unbiased: fold ``m/(m-1)`` times the batch variance into the running one.
       axis_index_groups: groups of ``axis_name`` indices that synchronize among themselves.

@@ -401,3 +401,31 @@ def check_torch_momentum(fn: str, momentum: Any) -> None:
         )
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.floating, np.integer)) or not 0.0 <= float(momentum) <= 1.0:
         raise ValueError(f"{fn}: `momentum`={momentum!r} must be a number in [0, 1], e.g. `momentum=0.1`.")
+
+def check_axis_index_groups(fn: str, groups: Any, axis_name: Any) -> tuple[tuple[int, ...], ...] | None:
+    """Groups must split the indices of ``axis_name`` into disjoint, non-empty lists; None passes.
+
+    Call it where ``axis_name`` is bound (inside shard_map, pmap or vmap): the
+    size of the axis is read from there.
+    """
+    if groups is None:
+        return None
+    if axis_name is None:
+        raise ValueError(
+            f"{fn}: `axis_index_groups`={groups!r} was given without `axis_name`; the groups "
+            f"are groups of indices along a named axis, so pass `axis_name=` as well (or drop "
+            f"`axis_index_groups`)."
+        )
+    size = jax.lax.axis_size(axis_name)
+    try:
+        out = tuple(tuple(int(i) for i in g) for g in groups)
+    except TypeError:
+        out = None
+    flat = sorted(i for g in (out or ()) for i in g)
+    if out is None or any(len(g) == 0 for g in out) or flat != list(range(size)):
+        raise ValueError(
+            f"{fn}: `axis_index_groups`={groups!r} must split the {size} indices of "
+            f"`axis_name`={axis_name!r} into disjoint non-empty groups that together hold "
+            f"each of 0..{size - 1} once; e.g. [[0, 1], [2, 3]] for 4 devices in pairs."
+        )
+    return out

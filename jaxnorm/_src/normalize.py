@@ -11,7 +11,11 @@ the analytic one of Ioffe & Szegedy 2015, section 3, written as a
 devices), which needs two reductions and one elementwise pass where autodiff of
 the two-pass forward needs more. Cotangents of the returned mean and variance
 are folded into the same pass, and the four per-statistic sums go through a
-single ``psum`` across devices. Values excluded by ``mask`` do not enter the
+single ``psum`` across devices: with ``axis_name`` the forward pass has one
+collective (the moments exchange of :mod:`stats`) and the backward pass one.
+Under ``shard_map``'s replication typing (``check_vma=True``) the cotangents
+of the replicated statistics arrive already summed over devices, so they are
+left out of that ``psum``. Values excluded by ``mask`` do not enter the
 statistics, so their own gradient is ``inv * g``; their outputs still depend
 on the statistics, and those cotangents reach the valid values exactly as
 autodiff of a masked mean would send them (a loss that ignores padded outputs
@@ -35,7 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxnorm._src import errors
-from jaxnorm._src.stats import Moments, accumulation_dtype, compute_moments, sum_across
+from jaxnorm._src.stats import Moments, accumulation_dtype, compute_moments, sum_across, varies_over
 
 Array = jax.Array
 
@@ -110,10 +114,20 @@ def _standardize_bwd(static, residuals, cotangents):
     if center:
         sums.append(jnp.sum(g, axes, keepdims=True))
     # Cotangents of the returned statistics belong to every device's copy of the
-    # same global value, so they are summed across devices with the data sums.
-    sums += [g_var] + ([g_offset] if center else [])
-    shape = jnp.broadcast_shapes(*(s.shape for s in sums))
+    # same global value, so they are summed across devices with the data sums,
+    # except where shard_map's type system has summed them already: there the
+    # statistics are typed as replicated, and the transpose of the implicit
+    # broadcast that fed them to each device's loss was itself a psum.
+    stat_cts = [g_var] + ([g_offset] if center else [])
+    presummed = axis_name is not None and varies_over(x, axis_name) and not any(
+        varies_over(c, axis_name) for c in stat_cts
+    )
+    if not presummed:
+        sums += stat_cts
+    shape = jnp.broadcast_shapes(*(s.shape for s in sums + stat_cts))
     total = sum_across(jnp.stack([jnp.broadcast_to(s, shape) for s in sums]), axis_name, groups)
+    if presummed:
+        total = jnp.concatenate([total, jnp.stack([jnp.broadcast_to(c, shape) for c in stat_cts])])
     sum_gx, g_var = total[0], total[2 if center else 1]
     scale = 1.0 / jnp.maximum(count, 1)
     correction = x_hat * (inv * sum_gx - 2.0 * g_var / inv)

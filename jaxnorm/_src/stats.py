@@ -20,14 +20,40 @@ replaced by zeros with ``jnp.where`` before any arithmetic, so NaN or inf there
 reaches neither the statistics nor their gradients.
 
 Across devices. With ``axis_name``, each device computes its local
-``(count, shift, offset, var)`` and the devices exchange them in **one**
-``all_gather`` (4 numbers per statistic per device, never the data). Every device
+``(shift, offset, var, count)`` and the devices exchange them in **one**
+``psum`` (four numbers per statistic per device, never the data). Every device
 then merges them exactly and identically with Chan et al.'s pairwise formula,
-count-weighted (devices may hold different numbers of valid values) and relative
-to a common reference shift, so no cross-device ``E[x^2] - E[x]^2`` appears
-either. A ``psum`` of ``(n, n*mean, M2 + n*mean^2)`` would also be one collective
-but reintroduces exactly that cancellation; an all-gather of four small vectors
-costs the same latency and keeps the merge exact.
+count-weighted (devices may hold different numbers of valid values, so the
+global mean is not the mean of per-device means, which is what flax computes)
+and relative to a common reference shift, so no cross-device
+``E[x^2] - E[x]^2`` appears either. A ``psum`` of ``(n, n*mean, M2 + n*mean^2)``
+would also be one collective but reintroduces exactly that cancellation; the
+exchange of per-device moments costs the same latency and keeps the merge exact.
+
+Collectives, forward and backward (what the compiled HLO shows; the tests count them):
+
+- ``axis_name`` (``shard_map``, ``pmap``, ``vmap``): **one** all-reduce in the
+  forward pass (the moments exchange above) and **one** in the backward pass
+  (the fused backward of :mod:`normalize` stacks its per-feature sums into a
+  single ``psum``). Both are tiny: O(devices x features) and O(features).
+- Sharded ``jax.jit`` without ``axis_name``: XLA partitions the reductions
+  itself. The forward has **two** all-reduces, because the two-pass variance
+  needs the global ``shift`` before it can reduce ``x - shift`` (XLA combines
+  that pass's sums, and the count with a mask, into one), and the backward adds
+  **one**: three in a training step, none of them an all-gather of the data.
+  ``shard_map`` with ``axis_name`` saves one, since each device's own shift is
+  good enough locally and the exact merge fixes the rest.
+
+``axis_index_groups`` (e.g. ``[[0, 1, 2, 3], [4, 5, 6, 7]]``) makes each group of
+indices of ``axis_name`` compute statistics over its own devices only. The
+groups must split the indices into disjoint non-empty lists (sizes may differ);
+they are applied after the one exchange, so they work under ``vmap`` and
+``shard_map`` as well as ``pmap`` and cost no extra collective.
+
+Gradients: the gradient of each device's local loss with respect to its local
+input is the gradient of the global loss (the sum of the devices' losses) with
+respect to that input, as if the whole batch were on one device; this is what
+data-parallel training needs (PyTorch's SyncBatchNorm does the same).
 """
 
 from __future__ import annotations
@@ -37,6 +63,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxnorm._src import errors
@@ -126,33 +153,94 @@ def compute_moments(
 
 
 def merge_across_devices(local: Moments, axis_name: Any, axis_index_groups: Any = None) -> Moments:
-    """Exact count-weighted merge of per-device moments in one ``all_gather``.
+    """Exact count-weighted merge of per-device moments in one ``psum``.
 
     Chan et al.: with per-device counts n_i, means m_i and variances v_i,
     N = sum n_i, m = sum n_i m_i / N, v = (sum n_i v_i + sum n_i (m_i - m)^2) / N.
     Means are taken relative to one reference shift (the device holding the
     most values) so that differences of large means stay exact.
+
+    The exchange is an all-gather written as a ``psum``: each device writes its
+    four numbers per statistic into its own slot of a zero buffer with one slot
+    per device, and the sum fills every slot (adding zeros is exact, and
+    ``.at[].set`` keeps a device's NaN in its own slot). ``lax.all_gather``
+    would move half the bytes, but under ``shard_map`` its result is typed as
+    varying over the axis, so the merged statistics could not be returned with
+    ``out_specs=P()``; the ``psum`` result is replicated by type. Groups are
+    applied after the exchange, by giving the other groups' slots zero
+    weight, so ``axis_index_groups`` works under ``vmap`` and ``shard_map`` too
+    (``lax.psum`` supports it under ``pmap`` only).
     """
     shape = jnp.broadcast_shapes(local.var.shape, local.count.shape)
     packed = jnp.stack([jnp.broadcast_to(a, shape) for a in local])
-    gathered = lax.all_gather(packed, axis_name, axis_index_groups=axis_index_groups)
-    n, shift, offset, var = gathered[:, 0], gathered[:, 1], gathered[:, 2], gathered[:, 3]
+    size = lax.axis_size(axis_name)
+    me = lax.axis_index(axis_name)
+    slots = jnp.zeros((size,) + packed.shape, packed.dtype).at[me].set(packed)
+    gathered = lax.psum(slots, axis_name)
+    shift, offset, var, n = gathered[:, 0], gathered[:, 1], gathered[:, 2], gathered[:, 3]
+    if axis_index_groups is not None:
+        groups = errors.check_axis_index_groups("moments", axis_index_groups, axis_name)
+        member = jnp.asarray(_membership(groups, size))[me]
+        member = jnp.reshape(member, (size,) + (1,) * len(shape))
+        shift, offset, var, n = (jnp.where(member, a, 0) for a in (shift, offset, var, n))
     total = jnp.sum(n, axis=0)
     weight = n / jnp.maximum(total, 1)
     ref = jnp.argmax(n, axis=0)
     ref_shift = lax.stop_gradient(jnp.take_along_axis(shift, ref[None], axis=0)[0])
-    delta = (shift - ref_shift) + offset
+    # A device without valid values has weight 0; its delta is zeroed too so a
+    # huge reference shift cannot square to inf and turn 0 * inf into NaN.
+    delta = jnp.where(n > 0, (shift - ref_shift) + offset, 0)
     mean_delta = jnp.sum(weight * delta, axis=0)
     spread = delta - mean_delta
     merged_var = jnp.sum(weight * (var + spread * spread), axis=0)
     return Moments(ref_shift, mean_delta, merged_var, total)
 
 
+def _membership(groups: tuple[tuple[int, ...], ...], size: int) -> Any:
+    """(size, size) bool NumPy table: row i marks the indices in i's group."""
+    table = np.zeros((size, size), bool)
+    for g in groups:
+        for i in g:
+            table[i, list(g)] = True
+    return table
+
+
+def varies_over(x: Array, axis_name: Any) -> bool:
+    """Whether ``shard_map``'s type system (``check_vma=True``) marks ``x`` as varying over ``axis_name``.
+
+    False under ``vmap``, ``pmap`` and ``shard_map(check_vma=False)``, which do
+    not track this. The attribute moved between JAX versions, hence the lookups.
+    """
+    aval = jax.typeof(x)
+    vma = getattr(aval, "vma", None)
+    if vma is None:
+        vma = getattr(getattr(aval, "mat", None), "varying", None)
+    if not vma:
+        return False
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    return all(n in vma for n in names)
+
+
 def sum_across(values: Array, axis_name: Any, axis_index_groups: Any = None) -> Array:
-    """``psum`` over ``axis_name`` (identity when it is None); used by the fused backward."""
+    """Sum over ``axis_name`` (identity when it is None), within groups if given: one ``psum``.
+
+    With groups, each device writes ``values`` into its group's slot of a zero
+    buffer (one slot per group), so one ``psum`` sums every group at once and
+    each device reads its own group's slot.
+    """
     if axis_name is None:
         return values
-    return lax.psum(values, axis_name, axis_index_groups=axis_index_groups)
+    if axis_index_groups is None:
+        return lax.psum(values, axis_name)
+    size = lax.axis_size(axis_name)
+    groups = errors.check_axis_index_groups("moments", axis_index_groups, axis_name)
+    group_of = [0] * size
+    for k, g in enumerate(groups):
+        for i in g:
+            group_of[i] = k
+    mine = jnp.asarray(group_of)[lax.axis_index(axis_name)]
+    slots = jnp.zeros((len(groups),) + values.shape, values.dtype).at[mine].set(values)
+    return lax.psum(slots, axis_name)[mine]
 
 
 def moments(
@@ -178,8 +266,11 @@ def moments(
         that count. Masked values (NaN included) reach neither the statistics
         nor their gradients.
       axis_name: also reduce over this named axis (``shard_map``, ``pmap``,
-        ``vmap(axis_name=...)``); count-weighted and exact, one ``all_gather``.
-      axis_index_groups: reduce only within these groups of indices of ``axis_name``.
+        ``vmap(axis_name=...)``): count-weighted and exact (Chan et al.'s
+        merge of per-device moments), one all-reduce forward; its gradient
+        (autodiff of that all-reduce) is one more.
+      axis_index_groups: reduce only within these groups of indices of
+        ``axis_name`` (disjoint, non-empty, together every index once).
       keepdims: keep the reduced axes with size 1.
 
     Returns:
@@ -187,13 +278,18 @@ def moments(
       ``promote_types(x.dtype, float32)``.
 
     Raises:
-      ValueError: non-floating ``x``, bad ``axes`` or a mask that does not broadcast.
+      ValueError: non-floating ``x``, bad ``axes``, a mask that does not
+        broadcast, or ``axis_index_groups`` that do not split the axis.
 
     Example:
-      >>> import jax.numpy as jnp, jaxnorm as jn
+      >>> import jax, jax.numpy as jnp, jaxnorm as jn
       >>> x = jnp.array([[1., 2.], [3., 6.]])
       >>> mean, var = jn.moments(x, 0)
       >>> mean.tolist(), var.tolist()
+      ([2.0, 4.0], [1.0, 4.0])
+      >>> # the same statistics with the rows on two "devices" of a named axis:
+      >>> mean, var = jax.vmap(lambda r: jn.moments(r, 0, axis_name="d"), axis_name="d")(x[:, None])
+      >>> mean[0].tolist(), var[0].tolist()
       ([2.0, 4.0], [1.0, 4.0])
     """
     fn = "moments"
@@ -201,6 +297,7 @@ def moments(
     x = jnp.asarray(x)
     red = errors.canonical_axes(fn, "axes", axes, x.shape)
     mask = errors.check_mask(fn, mask, x.shape)
+    errors.check_axis_index_groups(fn, axis_index_groups, axis_name)
     m = compute_moments(x, red, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups)
     mean, var = m.mean, m.var
     if not keepdims:
