@@ -402,6 +402,7 @@ def check_torch_momentum(fn: str, momentum: Any) -> None:
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.floating, np.integer)) or not 0.0 <= float(momentum) <= 1.0:
         raise ValueError(f"{fn}: `momentum`={momentum!r} must be a number in [0, 1], e.g. `momentum=0.1`.")
 
+
 def check_axis_index_groups(fn: str, groups: Any, axis_name: Any) -> tuple[tuple[int, ...], ...] | None:
     """Groups must split the indices of ``axis_name`` into disjoint, non-empty lists; None passes.
 
