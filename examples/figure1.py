@@ -153,8 +153,9 @@ def run(*, steps, eval_every, lr, momentum, seed, progress=True):
     start = time.perf_counter()
     data = _common.load_mnist1d()
     init_key, batch_key = jax.random.split(jax.random.PRNGKey(seed))
-    plain_params, _ = init_mlp(init_key, data.num_features, data.num_classes, bn=False)
-    bn_params, bn_stats = init_mlp(init_key, data.num_features, data.num_classes, bn=True)
+    init = jax.jit(init_mlp, static_argnums=(1, 2), static_argnames="bn")  # eager init would compile op by op
+    plain_params, _ = init(init_key, data.num_features, data.num_classes, bn=False)
+    bn_params, bn_stats = init(init_key, data.num_features, data.num_classes, bn=True)
     optimizer = optax.sgd(lr)
     carry = (
         (plain_params, [], optimizer.init(plain_params)),
