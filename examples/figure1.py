@@ -89,7 +89,7 @@ def apply_mlp(params, stats, x, *, bn, training, momentum):
 
 
 @functools.partial(jax.jit, static_argnames=("lr", "momentum", "eval_every"))
-def train_chunk(carry, key, data, *, lr, momentum, eval_every):
+def train_chunk(carry, key, chunk, data, *, lr, momentum, eval_every):
     """Trains both networks ``eval_every`` steps on the same batches, then evaluates both.
 
     One compiled program (``lax.scan`` over the steps); it is compiled once per
@@ -97,7 +97,8 @@ def train_chunk(carry, key, data, *, lr, momentum, eval_every):
 
     Args:
       carry: ``(plain, normed)``, each ``(params, bn_stats, opt_state)``.
-      key: PRNG key of this chunk's batches.
+      key: PRNG key of the batches.
+      chunk: () int32, the chunk's index, folded into ``key``.
       data: ``(x_train, y_train, x_test, y_test)`` arrays.
 
     Returns:
@@ -132,7 +133,7 @@ def train_chunk(carry, key, data, *, lr, momentum, eval_every):
         # (3, WIDTH): every unit, so the summary need not rest on the one unit that is plotted
         return accuracy, jnp.percentile(z, jnp.asarray(PERCENTILES, jnp.float32), axis=0)
 
-    carry, _ = jax.lax.scan(step, carry, jax.random.split(key, eval_every))
+    carry, _ = jax.lax.scan(step, carry, jax.random.split(jax.random.fold_in(key, chunk), eval_every))
     return carry, evaluate(carry[0], False), evaluate(carry[1], True)
 
 
@@ -170,7 +171,7 @@ def run(*, steps, eval_every, lr, momentum, seed, progress=True):
     bar = _common.progress(steps, "figure1", disable=not progress)
     for i, _ in enumerate(eval_steps):
         carry, plain_eval, bn_eval = train_chunk(
-            carry, jax.random.fold_in(batch_key, i), arrays, lr=lr, momentum=momentum, eval_every=eval_every)
+            carry, batch_key, jnp.int32(i), arrays, lr=lr, momentum=momentum, eval_every=eval_every)
         for key, (acc, pct) in zip(keys, (plain_eval, bn_eval)):
             accuracy[key].append(float(acc))
             percentiles[key].append(np.asarray(pct))

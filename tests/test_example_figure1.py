@@ -20,15 +20,17 @@ import figure1  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("figure1")
-    result = figure1.main(["--quick", "--seed", "0", "--out", str(out), "--no-progress"])
-    return out, result
+# One test runs the example once and checks everything: a module fixture would run once per
+# pytest-xdist worker, and the example's compilation is most of its cost.
+def test_quick_run(tmp_path):
+    result = figure1.main(["--quick", "--seed", "0", "--out", str(tmp_path), "--no-progress"])
+    check_files(tmp_path)
+    check_bn_ahead_at_last_step(result)
+    check_bn_sigmoid_inputs_drift_less(result)
+    check_deterministic_under_seed()
 
 
-def test_writes_json_and_png(quick_run):
-    out, _ = quick_run
+def check_files(out):
     data = json.loads((out / "figure1.json").read_text())
     assert (out / "figure1.png").stat().st_size > 10_000
     assert data["steps"] == list(range(100, 1001, 100))
@@ -43,8 +45,7 @@ def test_writes_json_and_png(quick_run):
     assert set(data["summary"]) >= {"best_without_bn", "steps_with_bn_to_best_without_bn"}
 
 
-def test_bn_ahead_at_last_step(quick_run):
-    _, result = quick_run
+def check_bn_ahead_at_last_step(result):
     with_bn = result["with_bn"]["test_accuracy"][-1]
     without_bn = result["without_bn"]["test_accuracy"][-1]
     assert with_bn > without_bn + 0.08, (with_bn, without_bn)
@@ -53,14 +54,14 @@ def test_bn_ahead_at_last_step(quick_run):
     assert steps is not None and steps < result["steps"][-1]
 
 
-def test_bn_sigmoid_inputs_drift_less(quick_run):
-    _, result = quick_run
+def check_bn_sigmoid_inputs_drift_less(result):
     with_bn = result["with_bn"]["median_drift_mean_over_units"]
     without_bn = result["without_bn"]["median_drift_mean_over_units"]
     assert with_bn < 0.6 * without_bn, (with_bn, without_bn)
 
 
-def test_deterministic_under_seed(tmp_path):
+def check_deterministic_under_seed():
+    # same (lr, momentum, eval_every) as --quick: reuses its compiled program
     a = figure1.run(steps=200, eval_every=100, lr=0.5, momentum=0.99, seed=3, progress=False)
     b = figure1.run(steps=200, eval_every=100, lr=0.5, momentum=0.99, seed=3, progress=False)
     assert a["with_bn"]["test_accuracy"] == b["with_bn"]["test_accuracy"]
