@@ -18,7 +18,7 @@ The data is MNIST-1D (Greydanus 2020), generated offline with
 ``mnist1d.data.make_dataset`` (4000 training and 1000 test sequences of 40
 values). It shows the paper's effect better than scikit-learn's 8x8 digits:
 on the digits (in a trial run of this set-up) both networks are at 95-98%
-test accuracy by step 500 and 98-99% by step 1000, so the accuracy curves
+test accuracy by step 500 and 97-99% by step 1000, so the accuracy curves
 lie on top of each other, while MNIST-1D is hard
 enough for an MLP (a plain one ends near 50-60%) that the gap between the
 curves is large and lasts, and the sigmoid inputs of the plain network drift
