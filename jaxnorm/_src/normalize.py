@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxnorm._src import errors
-from jaxnorm._src.stats import Moments, accumulation_dtype, compute_moments, sum_across
+from jaxnorm._src.stats import Moments, accumulation_dtype, compute_moments, sum_across, sum_over
 
 Array = jax.Array
 
@@ -49,8 +49,11 @@ def standardize(
     center: bool = True,
     axis_name: Any = None,
     axis_index_groups: Any = None,
+    scale: Array | None = None,
+    bias: Array | None = None,
+    dtype: Any = None,
 ) -> tuple[Array, Moments]:
-    """``x_hat = (x - mean) / sqrt(var + epsilon)`` with statistics over ``axes``.
+    """``y = (x - mean) / sqrt(var + epsilon) * scale + bias`` with statistics over ``axes``.
 
     Args:
       x: (...) floating array.
@@ -59,14 +62,20 @@ def standardize(
       mask: optional bool array broadcasting to ``x``; True marks values that count.
       center: False for RMS norm: no mean is subtracted and ``var`` is the mean square.
       axis_name, axis_index_groups: reduce across devices as well.
+      scale, bias: optional, each broadcasting against ``x`` without changing its shape.
+      dtype: dtype of ``y``; default the accumulation dtype (float32 for
+        half-precision inputs), which with neither scale nor bias gives ``x_hat``.
 
     Returns:
-      ``(x_hat, moments)``: ``x_hat`` of x's shape in the accumulation dtype
-      (float32 for half-precision inputs); :class:`Moments` with ``axes`` kept as 1.
+      ``(y, moments)``: ``y`` of x's shape; :class:`Moments` with ``axes`` kept as 1.
     """
-    static = (tuple(axes), float(epsilon), bool(center), axis_name, _hashable(axis_index_groups))
-    x_hat, shift, offset, var, count = _standardize(static, x, mask)
-    return x_hat, Moments(shift, offset, var, count)
+    acc = accumulation_dtype(x.dtype)
+    static = (
+        tuple(axes), float(epsilon), bool(center), axis_name, _hashable(axis_index_groups),
+        jnp.dtype(acc if dtype is None else dtype),
+    )
+    y, shift, offset, var, count = _standardize(static, x, mask, scale, bias)
+    return y, Moments(shift, offset, var, count)
 
 
 def _hashable(groups: Any) -> Any:
@@ -74,56 +83,98 @@ def _hashable(groups: Any) -> Any:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _standardize(static, x, mask):
-    return _standardize_fwd(static, x, mask)[0]
+def _standardize(static, x, mask, scale, bias):
+    return _standardize_fwd(static, x, mask, scale, bias)[0]
 
 
-def _standardize_fwd(static, x, mask):
-    axes, epsilon, center, axis_name, groups = static
+def _standardize_fwd(static, x, mask, scale, bias):
+    axes, epsilon, center, axis_name, groups, dtype = static
     m = compute_moments(x, axes, mask=mask, center=center, axis_name=axis_name, axis_index_groups=groups)
     inv = lax.rsqrt(m.var + epsilon)
-    x_hat = _center(x, m) * inv
-    out = (x_hat, m.shift, m.offset, m.var, m.count)
-    return out, (x, mask, m.shift, m.offset, inv, m.count)
+    y = affine(_center(x, m.shift, m.offset) * inv, scale, bias, dtype)
+    out = (y, m.shift, m.offset, m.var, m.count)
+    # x is kept in its own dtype (half the bytes of a float32 x_hat for bf16)
+    # and x_hat is recomputed in the backward: cheaper than storing it.
+    return out, (x, mask, scale, bias, m.shift, m.offset, inv, m.count)
 
 
-def _center(x: Array, m: Moments) -> Array:
-    xf = x.astype(m.var.dtype)
+def _center(x: Array, shift: Array, offset: Array) -> Array:
+    xf = x.astype(shift.dtype)
     # Two subtractions: x - shift is exact near the mean, offset is small.
-    return (xf - m.shift) - m.offset
+    return (xf - shift) - offset
+
+
+def _constant_over(p: Array | None, axes: Sequence[int], ndim: int) -> bool:
+    """True when ``p`` (broadcasting from the right) has size 1 on every axis in ``axes``."""
+    if p is None:
+        return True
+    shape = (1,) * (ndim - p.ndim) + tuple(p.shape)
+    return all(shape[a] == 1 for a in axes)
+
+
+def _sum_to(v: Array, p: Array) -> Array:
+    """Sums ``v`` over the axes that ``p`` broadcasts along; result has ``p``'s shape and dtype."""
+    lead = v.ndim - p.ndim
+    shape = (1,) * lead + tuple(p.shape)
+    axes = tuple(a for a in range(v.ndim) if shape[a] == 1 and v.shape[a] != 1)
+    if axes:
+        v = sum_over(v, axes)
+    return jnp.reshape(v, p.shape).astype(p.dtype)
 
 
 def _standardize_bwd(static, residuals, cotangents):
-    axes, _, center, axis_name, groups = static
-    x, mask, shift, offset, inv, count = residuals
+    axes, _, center, axis_name, groups, _ = static
+    x, mask, scale, bias, shift, offset, inv, count = residuals
     g, _, g_offset, g_var, _ = cotangents
-    x_hat = _center(x, Moments(shift, offset, inv, count)) * inv
+    acc = inv.dtype
+    g = g.astype(acc)
+    x_hat = _center(x, shift, offset) * inv
     # Outputs at masked positions depend on the statistics too, so their
     # cotangents belong in the sums (the exact derivative, as autodiff of a
     # masked mean gives); positions with a zero cotangent are left out so that
     # NaN or inf held there cannot turn 0 * x_hat into NaN.
-    if mask is None:
-        gx = g * x_hat
+    if mask is not None:
+        x_hat = jnp.where(mask | (g != 0), x_hat, 0)
+    need_sum_g = center
+    # With parameters constant over the reduced axes (batch norm, group norm)
+    # the per-statistic sums of g * scale and g * scale * x_hat are scale times
+    # those of g and g * x_hat, and the parameter gradients are sums of the same
+    # two: two reductions over the data serve both (the paper's section 3).
+    shared = _constant_over(scale, axes, x.ndim) and _constant_over(bias, axes, x.ndim)
+    if shared:
+        s_gx = sum_over(g * x_hat, axes)
+        s_g = sum_over(g, axes) if (need_sum_g or bias is not None) else None
+        d_scale = None if scale is None else _sum_to(s_gx, scale)
+        d_bias = None if bias is None else _sum_to(s_g, bias)
+        if scale is not None:
+            s_gx = s_gx * scale
+            s_g = None if s_g is None else s_g * scale
+        gs = g if scale is None else g * scale
     else:
-        gx = jnp.where(mask | (g != 0), g * x_hat, 0)
-    sums = [jnp.sum(gx, axes, keepdims=True)]
-    if center:
-        sums.append(jnp.sum(g, axes, keepdims=True))
+        gs = g if scale is None else g * scale
+        s_gx = sum_over(gs * x_hat, axes)
+        s_g = sum_over(gs, axes) if need_sum_g else None
+        d_scale = None if scale is None else _sum_to(g * x_hat, scale)
+        d_bias = None if bias is None else _sum_to(g, bias)
+    sums = [s_gx] + ([s_g] if center else [])
     # Cotangents of the returned statistics belong to every device's copy of the
     # same global value, so they are summed across devices with the data sums.
     sums += [g_var] + ([g_offset] if center else [])
     shape = jnp.broadcast_shapes(*(s.shape for s in sums))
-    total = sum_across(jnp.stack([jnp.broadcast_to(s, shape) for s in sums]), axis_name, groups)
+    if axis_name is None:
+        total = sums
+    else:
+        total = sum_across(jnp.stack([jnp.broadcast_to(s, shape) for s in sums]), axis_name, groups)
     sum_gx, g_var = total[0], total[2 if center else 1]
-    scale = 1.0 / jnp.maximum(count, 1)
+    scale_n = 1.0 / jnp.maximum(count, 1)
     correction = x_hat * (inv * sum_gx - 2.0 * g_var / inv)
     if center:
         sum_g, g_mean = total[1], total[3]
         correction = correction + (inv * sum_g - g_mean)
-    dx = inv * g - scale * correction
+    dx = inv * gs - scale_n * correction
     if mask is not None:
-        dx = jnp.where(mask, dx, inv * g)
-    return dx.astype(x.dtype), None
+        dx = jnp.where(mask, dx, inv * gs)
+    return dx.astype(x.dtype), None, d_scale, d_bias
 
 
 _standardize.defvjp(_standardize_fwd, _standardize_bwd)

@@ -93,10 +93,10 @@ def compute_moments(
     acc = accumulation_dtype(x.dtype)
     axes = tuple(axes)
     xf = x.astype(acc)
+    n = 1
+    for a in axes:
+        n *= x.shape[a]
     if mask is None:
-        n = 1
-        for a in axes:
-            n *= x.shape[a]
         count = jnp.full((1,) * x.ndim, n, acc)
         valid = xf
     else:
@@ -106,20 +106,28 @@ def compute_moments(
     denom = jnp.maximum(count, 1)
 
     def mean_of(v: Array) -> Array:
-        return jnp.sum(v, axes, keepdims=True) / denom
+        return sum_over(v, axes) / denom
 
-    if center:
-        shift = lax.stop_gradient(mean_of(valid))
-        d = xf - shift
-        if mask is not None:
-            d = jnp.where(mask, d, 0)
-        offset = mean_of(d)
-        var = jnp.maximum(mean_of(d * d) - offset * offset, 0)
+    if not center:
+        zero = jnp.zeros_like(count)
+        return _finish(Moments(zero, zero, mean_of(valid * valid), count), axis_name, axis_index_groups)
+    if mask is None and n > 0:
+        # One pass: the first value of each statistic is the shift (see the
+        # module docstring), so both sums read x once, in one fusion.
+        shift = lax.stop_gradient(xf[tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim))])
     else:
-        shift = jnp.zeros_like(count)
-        offset = jnp.zeros_like(count)
-        var = mean_of(valid * valid)
-    local = Moments(shift, offset, var, count)
+        # A mask may hide the first value (NaN allowed there): shift by the
+        # masked mean instead, at the cost of one more pass.
+        shift = lax.stop_gradient(mean_of(valid))
+    d = xf - shift
+    if mask is not None:
+        d = jnp.where(mask, d, 0)
+    offset = mean_of(d)
+    var = jnp.maximum(mean_of(d * d) - offset * offset, 0)
+    return _finish(Moments(shift, offset, var, count), axis_name, axis_index_groups)
+
+
+def _finish(local: Moments, axis_name: Any, axis_index_groups: Any) -> Moments:
     if axis_name is None:
         return local
     return merge_across_devices(local, axis_name, axis_index_groups)
@@ -146,6 +154,11 @@ def merge_across_devices(local: Moments, axis_name: Any, axis_index_groups: Any 
     spread = delta - mean_delta
     merged_var = jnp.sum(weight * (var + spread * spread), axis=0)
     return Moments(ref_shift, mean_delta, merged_var, total)
+
+
+def sum_over(v: Array, axes: Sequence[int]) -> Array:
+    """``jnp.sum(v, axes, keepdims=True)``, written the way the backend reduces fastest."""
+    return jnp.sum(v, tuple(axes), keepdims=True)
 
 
 def sum_across(values: Array, axis_name: Any, axis_index_groups: Any = None) -> Array:
