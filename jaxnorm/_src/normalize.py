@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxnorm._src import errors
-from jaxnorm._src.stats import Moments, accumulation_dtype, compute_moments, sum_across, sum_over
+from jaxnorm._src.stats import Moments, accumulation_dtype, compute_moments, fresh, sum_across, sum_over
 
 Array = jax.Array
 
@@ -91,7 +91,8 @@ def _standardize_fwd(static, x, mask, scale, bias):
     axes, epsilon, center, axis_name, groups, dtype = static
     m = compute_moments(x, axes, mask=mask, center=center, axis_name=axis_name, axis_index_groups=groups)
     inv = lax.rsqrt(m.var + epsilon)
-    y = affine(_center(x, m.shift, m.offset) * inv, scale, bias, dtype)
+    xi, sh, off, iv = fresh(x, m.shift, m.offset, inv)
+    y = affine(_center(xi, sh, off) * iv, scale, bias, dtype)
     out = (y, m.shift, m.offset, m.var, m.count)
     # x is kept in its own dtype (half the bytes of a float32 x_hat for bf16)
     # and x_hat is recomputed in the backward: cheaper than storing it.
@@ -112,11 +113,15 @@ def _constant_over(p: Array | None, axes: Sequence[int], ndim: int) -> bool:
     return all(shape[a] == 1 for a in axes)
 
 
+def _broadcast_axes(p: Array, ndim: int) -> tuple[int, ...]:
+    """Axes of an ``ndim``-d array along which ``p`` (broadcasting from the right) is constant."""
+    shape = (1,) * (ndim - p.ndim) + tuple(p.shape)
+    return tuple(a for a in range(ndim) if shape[a] == 1)
+
+
 def _sum_to(v: Array, p: Array) -> Array:
-    """Sums ``v`` over the axes that ``p`` broadcasts along; result has ``p``'s shape and dtype."""
-    lead = v.ndim - p.ndim
-    shape = (1,) * lead + tuple(p.shape)
-    axes = tuple(a for a in range(v.ndim) if shape[a] == 1 and v.shape[a] != 1)
+    """Sums ``v`` (already summed over some axes, kept as 1) to ``p``'s shape and dtype."""
+    axes = tuple(a for a in _broadcast_axes(p, v.ndim) if v.shape[a] != 1)
     if axes:
         v = sum_over(v, axes)
     return jnp.reshape(v, p.shape).astype(p.dtype)
@@ -127,53 +132,74 @@ def _standardize_bwd(static, residuals, cotangents):
     x, mask, scale, bias, shift, offset, inv, count = residuals
     g, _, g_offset, g_var, _ = cotangents
     acc = inv.dtype
-    g = g.astype(acc)
-    x_hat = _center(x, shift, offset) * inv
-    # Outputs at masked positions depend on the statistics too, so their
-    # cotangents belong in the sums (the exact derivative, as autodiff of a
-    # masked mean gives); positions with a zero cotangent are left out so that
-    # NaN or inf held there cannot turn 0 * x_hat into NaN.
-    if mask is not None:
-        x_hat = jnp.where(mask | (g != 0), x_hat, 0)
-    need_sum_g = center
+
+    def terms(with_scale: bool) -> tuple[Array, Array]:
+        """``(g, x_hat)`` built afresh for one consumer (see stats.fresh)."""
+        gi, xi, mi, sc, sh, off, iv = fresh(g, x, mask, scale if with_scale else None, shift, offset, inv)
+        gi = gi.astype(acc)
+        if sc is not None:
+            gi = gi * sc
+        x_hat = _center(xi, sh, off) * iv
+        # Outputs at masked positions depend on the statistics too, so their
+        # cotangents belong in the sums (the exact derivative, as autodiff of
+        # a masked mean gives); positions with a zero cotangent are left out
+        # so that NaN or inf held there cannot turn 0 * x_hat into NaN.
+        if mi is not None:
+            x_hat = jnp.where(mi | (gi != 0), x_hat, 0)
+        return gi, x_hat
+
+    def sum_g(with_scale: bool, over: Sequence[int]) -> Array:
+        gi = fresh(g, scale if with_scale else None)
+        v = gi[0].astype(acc)
+        return sum_over(v if gi[1] is None else v * gi[1], over)
+
+    def sum_gx(with_scale: bool, over: Sequence[int]) -> Array:
+        gi, x_hat = terms(with_scale)
+        return sum_over(gi * x_hat, over)
+
     # With parameters constant over the reduced axes (batch norm, group norm)
     # the per-statistic sums of g * scale and g * scale * x_hat are scale times
-    # those of g and g * x_hat, and the parameter gradients are sums of the same
-    # two: two reductions over the data serve both (the paper's section 3).
-    shared = _constant_over(scale, axes, x.ndim) and _constant_over(bias, axes, x.ndim)
-    if shared:
-        s_gx = sum_over(g * x_hat, axes)
-        s_g = sum_over(g, axes) if (need_sum_g or bias is not None) else None
+    # those of g and g * x_hat, and the parameter gradients are sums of the
+    # same two: two reductions over the data serve both (the paper's section 3).
+    if _constant_over(scale, axes, x.ndim) and _constant_over(bias, axes, x.ndim):
+        s_gx = sum_gx(False, axes)
+        s_g = sum_g(False, axes) if (center or bias is not None) else None
         d_scale = None if scale is None else _sum_to(s_gx, scale)
         d_bias = None if bias is None else _sum_to(s_g, bias)
         if scale is not None:
             s_gx = s_gx * scale
             s_g = None if s_g is None else s_g * scale
-        gs = g if scale is None else g * scale
     else:
-        gs = g if scale is None else g * scale
-        s_gx = sum_over(gs * x_hat, axes)
-        s_g = sum_over(gs, axes) if need_sum_g else None
-        d_scale = None if scale is None else _sum_to(g * x_hat, scale)
-        d_bias = None if bias is None else _sum_to(g, bias)
+        s_gx = sum_gx(True, axes)
+        s_g = sum_g(True, axes) if center else None
+        d_scale = None if scale is None else _sum_to(sum_gx(False, _broadcast_axes(scale, x.ndim)), scale)
+        d_bias = None if bias is None else _sum_to(sum_g(False, _broadcast_axes(bias, x.ndim)), bias)
     sums = [s_gx] + ([s_g] if center else [])
     # Cotangents of the returned statistics belong to every device's copy of the
     # same global value, so they are summed across devices with the data sums.
     sums += [g_var] + ([g_offset] if center else [])
-    shape = jnp.broadcast_shapes(*(s.shape for s in sums))
     if axis_name is None:
         total = sums
     else:
+        shape = jnp.broadcast_shapes(*(s.shape for s in sums))
         total = sum_across(jnp.stack([jnp.broadcast_to(s, shape) for s in sums]), axis_name, groups)
-    sum_gx, g_var = total[0], total[2 if center else 1]
+    sum_gx_all, g_var = total[0], total[2 if center else 1]
+    # dx = a * g * scale + b * x_hat + c with per-statistic a, b, c.
     scale_n = 1.0 / jnp.maximum(count, 1)
-    correction = x_hat * (inv * sum_gx - 2.0 * g_var / inv)
+    b = -scale_n * (inv * sum_gx_all - 2.0 * g_var / inv)
+    c = None
     if center:
-        sum_g, g_mean = total[1], total[3]
-        correction = correction + (inv * sum_g - g_mean)
-    dx = inv * gs - scale_n * correction
+        sum_g_all, g_mean = total[1], total[3]
+        c = -scale_n * (inv * sum_g_all - g_mean)
+    gi, x_hat = terms(True)
+    iv, b = fresh(inv, b)
+    dx = iv * gi + b * x_hat
+    if c is not None:
+        dx = dx + fresh(c)[0]
     if mask is not None:
-        dx = jnp.where(mask, dx, inv * gs)
+        # Masked values do not enter the statistics: their own derivative is inv * g.
+        mi = fresh(mask)[0]
+        dx = jnp.where(mi, dx, iv * gi)
     return dx.astype(x.dtype), None, d_scale, d_bias
 
 
