@@ -39,14 +39,18 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-import jaxnorm.linen as jnl
+import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The checkout's jaxnorm, not whichever one the environment has installed.
+sys.path.insert(0, os.path.dirname(HERE))
+
+import flax.linen as nn  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import jaxnorm.linen as jnl  # noqa: E402
 
 
 # --- the cases ---------------------------------------------------------------
@@ -307,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default=os.path.join(HERE, "results.json"))
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 15)
-    print(f"jax {jax.__version__} on {machine()}")
+    print(f"jax {jax.__version__}, jaxnorm from {os.path.dirname(jnl.__file__)}, on {machine()}")
     print(HEADER)
     print("|" + "|".join("-" * (len(cell)) for cell in HEADER.split("|")[1:-1]) + "|")
     result = run(args.quick, repeats, args.only, args.dtypes)

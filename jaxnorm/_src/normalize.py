@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxnorm._src import errors
-from jaxnorm._src.stats import Moments, accumulation_dtype, compute_moments, fresh, sum_across, sum_over
+from jaxnorm._src.stats import Moments, accumulation_dtype, compute_moments, copies, expand_minor, sum_across, sum_over
 
 Array = jax.Array
 
@@ -91,7 +91,7 @@ def _standardize_fwd(static, x, mask, scale, bias):
     axes, epsilon, center, axis_name, groups, dtype = static
     m = compute_moments(x, axes, mask=mask, center=center, axis_name=axis_name, axis_index_groups=groups)
     inv = lax.rsqrt(m.var + epsilon)
-    xi, sh, off, iv = fresh(x, m.shift, m.offset, inv)
+    (xi, sh, off, iv), = copies(1, x, *(expand_minor(a, x.shape, axes) for a in (m.shift, m.offset, inv)))
     y = affine(_center(xi, sh, off) * iv, scale, bias, dtype)
     out = (y, m.shift, m.offset, m.var, m.count)
     # x is kept in its own dtype (half the bytes of a float32 x_hat for bf16)
@@ -133,11 +133,15 @@ def _standardize_bwd(static, residuals, cotangents):
     g, _, g_offset, g_var, _ = cotangents
     acc = inv.dtype
 
+    # Every reduction over the data and the final elementwise pass rebuild
+    # g * scale and x_hat from x and g on their own (see stats.copies).
+    stats = (expand_minor(a, x.shape, axes) for a in (shift, offset, inv))
+    sets = iter(copies(5, g, x, mask, scale, *stats))
+
     def terms(with_scale: bool) -> tuple[Array, Array]:
-        """``(g, x_hat)`` built afresh for one consumer (see stats.fresh)."""
-        gi, xi, mi, sc, sh, off, iv = fresh(g, x, mask, scale if with_scale else None, shift, offset, inv)
+        gi, xi, mi, sc, sh, off, iv = next(sets)
         gi = gi.astype(acc)
-        if sc is not None:
+        if with_scale and sc is not None:
             gi = gi * sc
         x_hat = _center(xi, sh, off) * iv
         # Outputs at masked positions depend on the statistics too, so their
@@ -149,26 +153,29 @@ def _standardize_bwd(static, residuals, cotangents):
         return gi, x_hat
 
     def sum_g(with_scale: bool, over: Sequence[int]) -> Array:
-        gi = fresh(g, scale if with_scale else None)
-        v = gi[0].astype(acc)
-        return sum_over(v if gi[1] is None else v * gi[1], over)
+        return sum_over(terms(with_scale)[0], over)
 
     def sum_gx(with_scale: bool, over: Sequence[int]) -> Array:
         gi, x_hat = terms(with_scale)
         return sum_over(gi * x_hat, over)
 
-    # With parameters constant over the reduced axes (batch norm, group norm)
-    # the per-statistic sums of g * scale and g * scale * x_hat are scale times
-    # those of g and g * x_hat, and the parameter gradients are sums of the
-    # same two: two reductions over the data serve both (the paper's section 3).
-    if _constant_over(scale, axes, x.ndim) and _constant_over(bias, axes, x.ndim):
-        s_gx = sum_gx(False, axes)
-        s_g = sum_g(False, axes) if (center or bias is not None) else None
-        d_scale = None if scale is None else _sum_to(s_gx, scale)
-        d_bias = None if bias is None else _sum_to(s_g, bias)
-        if scale is not None:
-            s_gx = s_gx * scale
-            s_g = None if s_g is None else s_g * scale
+    # Over the reduced axes along which scale and bias are constant (all of
+    # them for batch norm, the spatial ones for group norm) the sums of
+    # g * scale and g * scale * x_hat are scale times those of g and
+    # g * x_hat, and the parameter gradients are sums of the same two partial
+    # sums: two reductions over the data serve all four (the paper's section 3).
+    common = tuple(a for a in axes if _constant_over(scale, (a,), x.ndim) and _constant_over(bias, (a,), x.ndim))
+    if common:
+        part_gx = sum_gx(False, common)
+        part_g = sum_g(False, common) if (center or bias is not None) else None
+        d_scale = None if scale is None else _sum_to(part_gx, scale)
+        d_bias = None if bias is None else _sum_to(part_g, bias)
+        rest = tuple(a for a in axes if a not in common)
+        s_gx = part_gx if scale is None else part_gx * scale
+        s_g = None if part_g is None else (part_g if scale is None else part_g * scale)
+        if rest:
+            s_gx = jnp.sum(s_gx, rest, keepdims=True)
+            s_g = None if s_g is None else jnp.sum(s_g, rest, keepdims=True)
     else:
         s_gx = sum_gx(True, axes)
         s_g = sum_g(True, axes) if center else None
@@ -192,13 +199,12 @@ def _standardize_bwd(static, residuals, cotangents):
         sum_g_all, g_mean = total[1], total[3]
         c = -scale_n * (inv * sum_g_all - g_mean)
     gi, x_hat = terms(True)
-    iv, b = fresh(inv, b)
+    (iv, b, c, mi), = copies(1, *(None if a is None else expand_minor(a, x.shape, axes) for a in (inv, b, c)), mask)
     dx = iv * gi + b * x_hat
     if c is not None:
-        dx = dx + fresh(c)[0]
+        dx = dx + c
     if mask is not None:
         # Masked values do not enter the statistics: their own derivative is inv * g.
-        mi = fresh(mask)[0]
         dx = jnp.where(mi, dx, iv * gi)
     return dx.astype(x.dtype), None, d_scale, d_bias
 
