@@ -82,7 +82,13 @@ def test_gradients_for_x_scale_and_bias_match_float64_autodiff(name, x64):
 
     for got, want in zip(grads(ours), grads(plain)):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-10)
-    check_grads(jax.jit(ours), (x, scale, bias), order=2, modes=["rev"], atol=1e-5, rtol=1e-5)
+    if name in SECOND_ORDER:
+        check_grads(jax.jit(ours), (x, scale, bias), order=2, modes=["rev"], atol=1e-5, rtol=1e-5)
+
+
+# One case per backward path (partial sums shared over all reduced axes, over
+# some of them, or none; centred and uncentred) keeps the suite quick.
+SECOND_ORDER = {"layer_norm", "rms_norm", "batch_norm_nchw", "group_norm"}
 
 
 @pytest.mark.parametrize("name", ["layer_norm", "batch_norm_nhwc", "group_norm"])
@@ -117,7 +123,8 @@ def test_masked_gradients_with_parameters(name, x64):
 
         for got, want in zip(grads(ours), grads(plain)):
             np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-10)
-    check_grads(jax.jit(ours), (x, scale, bias), order=2, modes=["rev"], atol=1e-5, rtol=1e-5)
+    if name == "batch_norm_nhwc":
+        check_grads(jax.jit(ours), (x, scale, bias), order=2, modes=["rev"], atol=1e-5, rtol=1e-5)
     # NaN at masked positions stays out when the loss ignores them.
     x_bad = jnp.where(jnp.broadcast_to(mask, shape), x, jnp.nan)
     g = jax.jit(jax.grad(lambda x, s, b: jnp.sum(jnp.where(mask, ours(x, s, b), 0) * w), argnums=(0, 1, 2)))(x_bad, scale, bias)
@@ -138,6 +145,7 @@ def test_half_precision_gradients_accumulate_in_float32(dtype):
     got = grads(lambda x, s, b: jn.layer_norm(x, s, b), x)
     want = grads(lambda x, s, b: jn.layer_norm(x, s, b), x.astype(jnp.float32))
     assert got[0].dtype == dtype and got[1].dtype == jnp.float32
-    # Parameter gradients see only x's rounding to bf16, not a bf16 accumulation.
+    # Parameter gradients see only the rounding of x and of the cotangent of
+    # y to bf16 (relative 4e-3 each), not a bf16 accumulation over 64 values.
     np.testing.assert_allclose(got[1], want[1], rtol=2e-2, atol=2e-2)
-    np.testing.assert_allclose(got[2], want[2], rtol=1e-6, atol=1e-5)
+    np.testing.assert_allclose(got[2], want[2], rtol=1e-2, atol=1e-2)
