@@ -35,7 +35,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxnorm._src import errors
-from jaxnorm._src.stats import Moments, accumulation_dtype, compute_moments, copies, expand_minor, sum_across, sum_over
+from jaxnorm._src.stats import (
+    Moments, accumulation_dtype, copies, expand_minor, moments_and_copies, sum_across, sum_over,
+)
 
 Array = jax.Array
 
@@ -89,9 +91,11 @@ def _standardize(static, x, mask, scale, bias):
 
 def _standardize_fwd(static, x, mask, scale, bias):
     axes, epsilon, center, axis_name, groups, dtype = static
-    m = compute_moments(x, axes, mask=mask, center=center, axis_name=axis_name, axis_index_groups=groups)
+    m, ((xi, _),) = moments_and_copies(
+        x, axes, mask=mask, center=center, axis_name=axis_name, axis_index_groups=groups, extra=1,
+    )
     inv = lax.rsqrt(m.var + epsilon)
-    (xi, sh, off, iv), = copies(1, x, *(expand_minor(a, x.shape, axes) for a in (m.shift, m.offset, inv)))
+    (sh, off, iv), = copies(1, *(expand_minor(a, x.shape, axes) for a in (m.shift, m.offset, inv)))
     y = affine(_center(xi, sh, off) * iv, scale, bias, dtype)
     out = (y, m.shift, m.offset, m.var, m.count)
     # x is kept in its own dtype (half the bytes of a float32 x_hat for bf16)

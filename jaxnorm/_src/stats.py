@@ -91,6 +91,28 @@ def compute_moments(
     Returns:
       :class:`Moments` with arrays of shape ``x.shape`` with ``axes`` set to 1.
     """
+    return moments_and_copies(
+        x, axes, mask=mask, center=center, axis_name=axis_name, axis_index_groups=axis_index_groups,
+    )[0]
+
+
+def moments_and_copies(
+    x: Array,
+    axes: Sequence[int],
+    *,
+    mask: Array | None = None,
+    center: bool = True,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    extra: int = 0,
+) -> tuple[Moments, list[tuple[Array | None, Array | None]]]:
+    """:func:`compute_moments` plus ``extra`` more ``(x, mask)`` sets from the same :func:`copies`.
+
+    A caller that reads x again (the normalized output) takes its handles from
+    the same barrier, so that XLA cannot merge its elementwise work (e.g. the
+    conversion of bfloat16 x to float32) with that of the reductions and
+    materialize it.
+    """
     acc = accumulation_dtype(x.dtype)
     axes = tuple(axes)
     n = 1
@@ -109,17 +131,21 @@ def compute_moments(
         v = xi.astype(acc) if si is None else xi.astype(acc) - si
         return v if mi is None else jnp.where(mi, v, 0)
 
+    # Each reduction over the data rebuilds its own input (see sum_over).
+    sets = copies(extra + (1 if not center else 3), x, mask)
+    mine, rest = sets[: len(sets) - extra], sets[len(sets) - extra:]
     if not center:
         zero = jnp.zeros_like(count)
-        v = values(x, mask)
-        return _finish(Moments(zero, zero, mean_of(v * v), count), axis_name, axis_index_groups)
-    shift = lax.stop_gradient(mean_of(values(x, mask)))
-    # The two reductions of x - shift each rebuild it (see sum_over).
-    first, second = copies(2, x, mask, expand_minor(shift, x.shape, axes))
-    offset = mean_of(values(*first))
-    d = values(*second)
+        v = values(*mine[0])
+        return _finish(Moments(zero, zero, mean_of(v * v), count), axis_name, axis_index_groups), rest
+    shift = lax.stop_gradient(mean_of(values(*mine[0])))
+    # One handle of the shift per reduction too: a shared one is broadcast to
+    # x's full size and written to memory.
+    (shift_1,), (shift_2,) = copies(2, expand_minor(shift, x.shape, axes))
+    offset = mean_of(values(*mine[1], shift_1))
+    d = values(*mine[2], shift_2)
     var = jnp.maximum(mean_of(d * d) - offset * offset, 0)
-    return _finish(Moments(shift, offset, var, count), axis_name, axis_index_groups)
+    return _finish(Moments(shift, offset, var, count), axis_name, axis_index_groups), rest
 
 
 def _finish(local: Moments, axis_name: Any, axis_index_groups: Any) -> Moments:
