@@ -1,7 +1,8 @@
 """``normalize`` (given statistics) and ``standardize`` (own statistics, fused backward).
 
 :func:`standardize` is the one place where every norm in jaxnorm (batch, layer,
-group, instance, RMS, batch renorm) turns ``x`` into ``x_hat``. Its backward is
+group, instance, RMS, batch renorm) turns ``x`` into ``x_hat`` and, fused into
+the same op, ``y = x_hat * scale + bias``. Its backward is
 the analytic one of Ioffe & Szegedy 2015, section 3, written as a
 ``jax.custom_vjp``: with ``inv = 1/sqrt(var + eps)`` and N values per statistic,
 
@@ -16,7 +17,16 @@ statistics, so their own gradient is ``inv * g``; their outputs still depend
 on the statistics, and those cotangents reach the valid values exactly as
 autodiff of a masked mean would send them (a loss that ignores padded outputs
 sends none). Masked positions with a zero cotangent are skipped, so NaN held
-there cannot spread.
+there cannot spread. The gradients of ``scale`` and ``bias`` are sums of
+``g * x_hat`` and ``g``; where the parameters are constant over reduced axes
+(batch norm: all of them, group norm: the spatial ones) the same partial sums
+serve both them and the two per-statistic sums.
+
+Speed (measured on XLA:CPU, see README "Speed"): ``x_hat`` is never stored.
+The backward keeps x in its own dtype and every reduction, like the final
+elementwise pass, rebuilds ``x_hat`` from its own handles to x and the
+statistics (:func:`jaxnorm._src.stats.copies`), so no array of x's size is
+written except the result.
 
 Second derivatives: the backward is made of differentiable ``jax.numpy`` ops, so
 reverse-over-reverse (``jax.grad`` of ``jax.grad``, ``jax.hessian`` via
