@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxnorm._src import errors, precise_bn
-from jaxnorm._src.normalize import affine, normalize, standardize
+from jaxnorm._src.normalize import normalize, standardize
 from jaxnorm._src.stats import Moments
 
 Array = jax.Array
@@ -228,11 +228,11 @@ def batch_standardize(
         # With a named axis the other devices supply the rest of the batch.
         errors.check_enough_values(fn, lay.values_per_feature, x.shape, axis)
     view = batch_view(x, lay, mask, ghost_batch_size)
-    x_hat, m = standardize(
+    y, m = standardize(
         view.x, view.axes, epsilon=epsilon, mask=view.mask,
         axis_name=axis_name, axis_index_groups=axis_index_groups,
+        scale=view_param(scale, view), bias=view_param(bias, view), dtype=dtype,
     )
-    y = affine(x_hat, view_param(scale, view), view_param(bias, view), dtype)
     return y, m, view
 
 

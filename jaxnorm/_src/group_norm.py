@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxnorm._src import errors
-from jaxnorm._src.normalize import affine, standardize
+from jaxnorm._src.normalize import standardize
 
 Array = jax.Array
 
@@ -91,6 +91,7 @@ def _group_norm(
         # (..., C, ...) -> (..., G, C // G, ...): reduce the within-group axis too.
         split = x.shape[:channel] + (groups, size) + x.shape[channel + 1:]
         grouped_axes = tuple(a if a < channel else a + 1 for a in axes if a != channel) + (channel + 1,)
+        split_channel_axes = (channel, channel + 1)
     else:
         if num_groups is not None or group_size != 1:
             raise ValueError(
@@ -101,16 +102,18 @@ def _group_norm(
         # group per channel, so no split; each is standardized over the rest.
         split = x.shape
         grouped_axes = tuple(a for a in axes if a not in channel_axes)
+        split_channel_axes = channel_axes
     if mask is not None:
         mask = jnp.broadcast_to(mask, x.shape).reshape(split)
-    x_hat, _ = standardize(
+    # Parameters on the split layout: (C,) at the channel axis becomes (G, C // G).
+    param_shape = tuple(split[a] if a in split_channel_axes else 1 for a in range(len(split)))
+    as_param = lambda p: None if p is None else jnp.reshape(p, param_shape)  # noqa: E731
+    y, _ = standardize(
         x.reshape(split), tuple(sorted(grouped_axes)), epsilon=epsilon, mask=mask,
         axis_name=axis_name, axis_index_groups=axis_index_groups,
+        scale=as_param(scale), bias=as_param(bias), dtype=x.dtype if dtype is None else dtype,
     )
-    param_shape = tuple(x.shape[a] if a in channel_axes else 1 for a in range(x.ndim))
-    as_param = lambda p: None if p is None else jnp.reshape(p, param_shape)  # noqa: E731
-    out_dtype = x.dtype if dtype is None else dtype
-    return affine(x_hat.reshape(x.shape), as_param(scale), as_param(bias), out_dtype)
+    return y.reshape(x.shape)
 
 
 def group_norm(

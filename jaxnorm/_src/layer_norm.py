@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxnorm._src import errors
-from jaxnorm._src.normalize import affine, standardize
+from jaxnorm._src.normalize import standardize
 
 Array = jax.Array
 
@@ -105,10 +105,11 @@ def layer_norm(
       [-1.2247, 0.0, 1.2247]
     """
     x, axes, mask, p = _prepare("layer_norm", x, axis, mask, {"scale": scale, "bias": bias}, feature_axes)
-    x_hat, _ = standardize(
+    y, _ = standardize(
         x, axes, epsilon=epsilon, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
+        scale=p["scale"], bias=p["bias"], dtype=x.dtype if dtype is None else dtype,
     )
-    return affine(x_hat, p["scale"], p["bias"], x.dtype if dtype is None else dtype)
+    return y
 
 
 def rms_norm(
@@ -154,8 +155,9 @@ def rms_norm(
       [0.8485, 1.1314]
     """
     x, axes, mask, p = _prepare("rms_norm", x, axis, mask, {"scale": scale}, feature_axes)
-    x_hat, _ = standardize(
+    y, _ = standardize(
         x, axes, epsilon=epsilon, mask=mask, center=False,
         axis_name=axis_name, axis_index_groups=axis_index_groups,
+        scale=p["scale"], dtype=x.dtype if dtype is None else dtype,
     )
-    return affine(x_hat, p["scale"], None, x.dtype if dtype is None else dtype)
+    return y

@@ -1,7 +1,8 @@
 """``normalize`` (given statistics) and ``standardize`` (own statistics, fused backward).
 
 :func:`standardize` is the one place where every norm in jaxnorm (batch, layer,
-group, instance, RMS, batch renorm) turns ``x`` into ``x_hat``. Its backward is
+group, instance, RMS, batch renorm) turns ``x`` into ``x_hat`` and, fused into
+the same op, ``y = x_hat * scale + bias``. Its backward is
 the analytic one of Ioffe & Szegedy 2015, section 3, written as a
 ``jax.custom_vjp``: with ``inv = 1/sqrt(var + eps)`` and N values per statistic,
 
@@ -20,7 +21,16 @@ statistics, so their own gradient is ``inv * g``; their outputs still depend
 on the statistics, and those cotangents reach the valid values exactly as
 autodiff of a masked mean would send them (a loss that ignores padded outputs
 sends none). Masked positions with a zero cotangent are skipped, so NaN held
-there cannot spread.
+there cannot spread. The gradients of ``scale`` and ``bias`` are sums of
+``g * x_hat`` and ``g``; where the parameters are constant over reduced axes
+(batch norm: all of them, group norm: the spatial ones) the same partial sums
+serve both them and the two per-statistic sums.
+
+Speed (measured on XLA:CPU, see README "Speed"): ``x_hat`` is never stored.
+The backward keeps x in its own dtype and every reduction, like the final
+elementwise pass, rebuilds ``x_hat`` from its own handles to x and the
+statistics (:func:`jaxnorm._src.stats.copies`), so no array of x's size is
+written except the result.
 
 Second derivatives: the backward is made of differentiable ``jax.numpy`` ops, so
 reverse-over-reverse (``jax.grad`` of ``jax.grad``, ``jax.hessian`` via
@@ -39,7 +49,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxnorm._src import errors
-from jaxnorm._src.stats import Moments, accumulation_dtype, compute_moments, sum_across, varies_over
+from jaxnorm._src.stats import (
+    Moments, accumulation_dtype, copies, expand_minor, moments_and_copies, sum_across, sum_over, varies_over,
+)
 
 Array = jax.Array
 
@@ -53,8 +65,11 @@ def standardize(
     center: bool = True,
     axis_name: Any = None,
     axis_index_groups: Any = None,
+    scale: Array | None = None,
+    bias: Array | None = None,
+    dtype: Any = None,
 ) -> tuple[Array, Moments]:
-    """``x_hat = (x - mean) / sqrt(var + epsilon)`` with statistics over ``axes``.
+    """``y = (x - mean) / sqrt(var + epsilon) * scale + bias`` with statistics over ``axes``.
 
     Args:
       x: (...) floating array.
@@ -63,14 +78,20 @@ def standardize(
       mask: optional bool array broadcasting to ``x``; True marks values that count.
       center: False for RMS norm: no mean is subtracted and ``var`` is the mean square.
       axis_name, axis_index_groups: reduce across devices as well.
+      scale, bias: optional, each broadcasting against ``x`` without changing its shape.
+      dtype: dtype of ``y``; default the accumulation dtype (float32 for
+        half-precision inputs), which with neither scale nor bias gives ``x_hat``.
 
     Returns:
-      ``(x_hat, moments)``: ``x_hat`` of x's shape in the accumulation dtype
-      (float32 for half-precision inputs); :class:`Moments` with ``axes`` kept as 1.
+      ``(y, moments)``: ``y`` of x's shape; :class:`Moments` with ``axes`` kept as 1.
     """
-    static = (tuple(axes), float(epsilon), bool(center), axis_name, _hashable(axis_index_groups))
-    x_hat, shift, offset, var, count = _standardize(static, x, mask)
-    return x_hat, Moments(shift, offset, var, count)
+    acc = accumulation_dtype(x.dtype)
+    static = (
+        tuple(axes), float(epsilon), bool(center), axis_name, _hashable(axis_index_groups),
+        jnp.dtype(acc if dtype is None else dtype),
+    )
+    y, shift, offset, var, count = _standardize(static, x, mask, scale, bias)
+    return y, Moments(shift, offset, var, count)
 
 
 def _hashable(groups: Any) -> Any:
@@ -78,41 +99,107 @@ def _hashable(groups: Any) -> Any:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _standardize(static, x, mask):
-    return _standardize_fwd(static, x, mask)[0]
+def _standardize(static, x, mask, scale, bias):
+    return _standardize_fwd(static, x, mask, scale, bias)[0]
 
 
-def _standardize_fwd(static, x, mask):
-    axes, epsilon, center, axis_name, groups = static
-    m = compute_moments(x, axes, mask=mask, center=center, axis_name=axis_name, axis_index_groups=groups)
+def _standardize_fwd(static, x, mask, scale, bias):
+    axes, epsilon, center, axis_name, groups, dtype = static
+    m, ((xi, _),) = moments_and_copies(
+        x, axes, mask=mask, center=center, axis_name=axis_name, axis_index_groups=groups, extra=1,
+    )
     inv = lax.rsqrt(m.var + epsilon)
-    x_hat = _center(x, m) * inv
-    out = (x_hat, m.shift, m.offset, m.var, m.count)
-    return out, (x, mask, m.shift, m.offset, inv, m.count)
+    (sh, off, iv), = copies(1, *(expand_minor(a, x.shape, axes) for a in (m.shift, m.offset, inv)))
+    y = affine(_center(xi, sh, off) * iv, scale, bias, dtype)
+    out = (y, m.shift, m.offset, m.var, m.count)
+    # x is kept in its own dtype (half the bytes of a float32 x_hat for bf16)
+    # and x_hat is recomputed in the backward: cheaper than storing it.
+    return out, (x, mask, scale, bias, m.shift, m.offset, inv, m.count)
 
 
-def _center(x: Array, m: Moments) -> Array:
-    xf = x.astype(m.var.dtype)
+def _center(x: Array, shift: Array, offset: Array) -> Array:
+    xf = x.astype(shift.dtype)
     # Two subtractions: x - shift is exact near the mean, offset is small.
-    return (xf - m.shift) - m.offset
+    return (xf - shift) - offset
+
+
+def _constant_over(p: Array | None, axes: Sequence[int], ndim: int) -> bool:
+    """True when ``p`` (broadcasting from the right) has size 1 on every axis in ``axes``."""
+    if p is None:
+        return True
+    shape = (1,) * (ndim - p.ndim) + tuple(p.shape)
+    return all(shape[a] == 1 for a in axes)
+
+
+def _broadcast_axes(p: Array, ndim: int) -> tuple[int, ...]:
+    """Axes of an ``ndim``-d array along which ``p`` (broadcasting from the right) is constant."""
+    shape = (1,) * (ndim - p.ndim) + tuple(p.shape)
+    return tuple(a for a in range(ndim) if shape[a] == 1)
+
+
+def _sum_to(v: Array, p: Array) -> Array:
+    """Sums ``v`` (already summed over some axes, kept as 1) to ``p``'s shape and dtype."""
+    axes = tuple(a for a in _broadcast_axes(p, v.ndim) if v.shape[a] != 1)
+    if axes:
+        v = sum_over(v, axes)
+    return jnp.reshape(v, p.shape).astype(p.dtype)
 
 
 def _standardize_bwd(static, residuals, cotangents):
-    axes, _, center, axis_name, groups = static
-    x, mask, shift, offset, inv, count = residuals
+    axes, _, center, axis_name, groups, _ = static
+    x, mask, scale, bias, shift, offset, inv, count = residuals
     g, _, g_offset, g_var, _ = cotangents
-    x_hat = _center(x, Moments(shift, offset, inv, count)) * inv
-    # Outputs at masked positions depend on the statistics too, so their
-    # cotangents belong in the sums (the exact derivative, as autodiff of a
-    # masked mean gives); positions with a zero cotangent are left out so that
-    # NaN or inf held there cannot turn 0 * x_hat into NaN.
-    if mask is None:
-        gx = g * x_hat
+    acc = inv.dtype
+
+    # Every reduction over the data and the final elementwise pass rebuild
+    # g * scale and x_hat from x and g on their own (see stats.copies).
+    stats = (expand_minor(a, x.shape, axes) for a in (shift, offset, inv))
+    sets = iter(copies(5, g, x, mask, scale, *stats))
+
+    def terms(with_scale: bool) -> tuple[Array, Array]:
+        gi, xi, mi, sc, sh, off, iv = next(sets)
+        gi = gi.astype(acc)
+        if with_scale and sc is not None:
+            gi = gi * sc
+        x_hat = _center(xi, sh, off) * iv
+        # Outputs at masked positions depend on the statistics too, so their
+        # cotangents belong in the sums (the exact derivative, as autodiff of
+        # a masked mean gives); positions with a zero cotangent are left out
+        # so that NaN or inf held there cannot turn 0 * x_hat into NaN.
+        if mi is not None:
+            x_hat = jnp.where(mi | (gi != 0), x_hat, 0)
+        return gi, x_hat
+
+    def sum_g(with_scale: bool, over: Sequence[int]) -> Array:
+        return sum_over(terms(with_scale)[0], over)
+
+    def sum_gx(with_scale: bool, over: Sequence[int]) -> Array:
+        gi, x_hat = terms(with_scale)
+        return sum_over(gi * x_hat, over)
+
+    # Over the reduced axes along which scale and bias are constant (all of
+    # them for batch norm, the spatial ones for group norm) the sums of
+    # g * scale and g * scale * x_hat are scale times those of g and
+    # g * x_hat, and the parameter gradients are sums of the same two partial
+    # sums: two reductions over the data serve all four (the paper's section 3).
+    common = tuple(a for a in axes if _constant_over(scale, (a,), x.ndim) and _constant_over(bias, (a,), x.ndim))
+    if common:
+        part_gx = sum_gx(False, common)
+        part_g = sum_g(False, common) if (center or bias is not None) else None
+        d_scale = None if scale is None else _sum_to(part_gx, scale)
+        d_bias = None if bias is None else _sum_to(part_g, bias)
+        rest = tuple(a for a in axes if a not in common)
+        s_gx = part_gx if scale is None else part_gx * scale
+        s_g = None if part_g is None else (part_g if scale is None else part_g * scale)
+        if rest:
+            s_gx = jnp.sum(s_gx, rest, keepdims=True)
+            s_g = None if s_g is None else jnp.sum(s_g, rest, keepdims=True)
     else:
-        gx = jnp.where(mask | (g != 0), g * x_hat, 0)
-    sums = [jnp.sum(gx, axes, keepdims=True)]
-    if center:
-        sums.append(jnp.sum(g, axes, keepdims=True))
+        s_gx = sum_gx(True, axes)
+        s_g = sum_g(True, axes) if center else None
+        d_scale = None if scale is None else _sum_to(sum_gx(False, _broadcast_axes(scale, x.ndim)), scale)
+        d_bias = None if bias is None else _sum_to(sum_g(False, _broadcast_axes(bias, x.ndim)), bias)
+    sums = [s_gx] + ([s_g] if center else [])
     # Cotangents of the returned statistics belong to every device's copy of the
     # same global value, so they are summed across devices with the data sums,
     # except where shard_map's type system has summed them already: there the
@@ -120,24 +207,45 @@ def _standardize_bwd(static, residuals, cotangents):
     # broadcast that fed them to each device's loss was itself a psum.
     stat_cts = [g_var] + ([g_offset] if center else [])
     presummed = axis_name is not None and varies_over(x, axis_name) and not any(
-        varies_over(c, axis_name) for c in stat_cts
+        varies_over(ct, axis_name) for ct in stat_cts
     )
     if not presummed:
         sums += stat_cts
-    shape = jnp.broadcast_shapes(*(s.shape for s in sums + stat_cts))
-    total = sum_across(jnp.stack([jnp.broadcast_to(s, shape) for s in sums]), axis_name, groups)
-    if presummed:
-        total = jnp.concatenate([total, jnp.stack([jnp.broadcast_to(c, shape) for c in stat_cts])])
-    sum_gx, g_var = total[0], total[2 if center else 1]
-    scale = 1.0 / jnp.maximum(count, 1)
-    correction = x_hat * (inv * sum_gx - 2.0 * g_var / inv)
+    if axis_name is None:
+        total = sums
+    else:
+        shape = jnp.broadcast_shapes(*(s.shape for s in sums + stat_cts))
+        total = list(sum_across(jnp.stack([jnp.broadcast_to(s, shape) for s in sums]), axis_name, groups))
+        if presummed:
+            total += [jnp.broadcast_to(ct, shape) for ct in stat_cts]
+    sum_gx_all, g_var = total[0], total[2 if center else 1]
+    # dx = a * g * scale + b * x_hat + c with per-statistic a, b, c.
+    scale_n = 1.0 / jnp.maximum(count, 1)
+    b = -scale_n * (inv * sum_gx_all - 2.0 * g_var / inv)
+    c = None
     if center:
-        sum_g, g_mean = total[1], total[3]
-        correction = correction + (inv * sum_g - g_mean)
-    dx = inv * g - scale * correction
+        sum_g_all, g_mean = total[1], total[3]
+        c = -scale_n * (inv * sum_g_all - g_mean)
+    gi, x_hat = terms(True)
+    (iv, b, c, mi), = copies(1, *(None if a is None else expand_minor(a, x.shape, axes) for a in (inv, b, c)), mask)
+    dx = iv * gi + b * x_hat
+    if c is not None:
+        dx = dx + c
     if mask is not None:
-        dx = jnp.where(mask, dx, inv * g)
-    return dx.astype(x.dtype), None
+        # Masked values do not enter the statistics: their own derivative is inv * g.
+        dx = jnp.where(mi, dx, iv * gi)
+    # Under shard_map's type system a replicated scale or bias reached every
+    # device through an implicit broadcast, whose transpose is a psum: the
+    # cotangent must come back replicated, summed over the devices.
+    d_scale, d_bias = (_replicated_cotangent(d, p, x, axis_name) for d, p in ((d_scale, scale), (d_bias, bias)))
+    return dx.astype(x.dtype), None, d_scale, d_bias
+
+
+def _replicated_cotangent(d: Array | None, primal: Array | None, x: Array, axis_name: Any) -> Array | None:
+    """``d`` summed over ``axis_name`` where ``primal`` is typed replicated and ``x`` varying."""
+    if d is None or axis_name is None or varies_over(primal, axis_name) or not varies_over(x, axis_name):
+        return d
+    return lax.psum(d, axis_name)
 
 
 _standardize.defvjp(_standardize_fwd, _standardize_bwd)

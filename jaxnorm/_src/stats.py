@@ -4,16 +4,23 @@ Everything in jaxnorm that needs statistics gets them from :func:`compute_moment
 no other file reduces ``x`` for a mean or a variance.
 
 Numerics. Statistics accumulate in ``promote_types(x.dtype, float32)``. The
-variance is a *shifted, corrected two-pass*: a first pass gives a rough mean
-``shift`` (with its gradient stopped), the second pass reduces ``d = x - shift``
-to ``offset = mean(d)`` and ``mean(d**2)``, and ``var = mean(d**2) - offset**2``.
-Because ``shift`` is within rounding of the true mean, ``d`` is small, ``x - shift``
-is exact for data near the mean (Sterbenz), and ``offset**2`` only removes the
-rounding error of ``shift`` (Chan, Golub & LeVeque 1983). The one-pass
-``E[x^2] - E[x]^2`` (flax's default) cancels catastrophically at large offsets, and
-a plain two-pass leaves the mean's rounding error in the variance (about 1% for
-mean 1e4, std 1e-2 in float32). The mean is kept as ``shift + offset`` so that
-:mod:`normalize` can subtract it in two exact steps.
+variance is a *shifted* one: with ``shift`` a value close to the mean (its
+gradient stopped), the data pass reduces ``d = x - shift`` to ``offset = mean(d)``
+and ``mean(d**2)``, and ``var = mean(d**2) - offset**2`` (Chan, Golub & LeVeque
+1983). Without a mask, ``shift`` is the first value of each statistic: one pass
+over the data instead of two (on CPU a whole read of x, about 30% of group
+norm's forward). Its rounding error relative to the variance is
+``eps * (1 + z**2)`` where ``z`` is that value's distance from the mean in
+standard deviations, and no value of n lies more than ``sqrt(n - 1)``
+standard deviations from their mean (Samuelson's inequality), so even an
+extreme first value costs at most ``n * eps``, the order of the float32 sum's
+own error; typical data (``|z|`` of a few) keep nearly every digit. With a
+mask the first value may be hidden (NaN allowed there), so ``shift`` is the
+masked mean from one more pass, the classic corrected two-pass. The one-pass
+``E[x^2] - E[x]^2`` (flax's default) cancels catastrophically at large offsets,
+and a plain two-pass without ``offset`` leaves the mean's rounding error in
+the variance (about 1% for mean 1e4, std 1e-2 in float32). The mean is kept as
+``shift + offset`` so that :mod:`normalize` can subtract it in two exact steps.
 
 Masks. ``mask`` (True = counts) broadcasts against ``x``; masked values are
 replaced by zeros with ``jnp.where`` before any arithmetic, so NaN or inf there
@@ -58,6 +65,7 @@ data-parallel training needs (PyTorch's SyncBatchNorm does the same).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -104,7 +112,7 @@ def compute_moments(
     axis_name: Any = None,
     axis_index_groups: Any = None,
 ) -> Moments:
-    """Shifted two-pass moments of ``x`` over ``axes`` (non-negative, sorted), kept as size 1.
+    """Shifted moments of ``x`` over ``axes`` (non-negative, sorted), kept as size 1.
 
     Args:
       x: (...) floating array.
@@ -117,36 +125,81 @@ def compute_moments(
     Returns:
       :class:`Moments` with arrays of shape ``x.shape`` with ``axes`` set to 1.
     """
+    return moments_and_copies(
+        x, axes, mask=mask, center=center, axis_name=axis_name, axis_index_groups=axis_index_groups,
+    )[0]
+
+
+def moments_and_copies(
+    x: Array,
+    axes: Sequence[int],
+    *,
+    mask: Array | None = None,
+    center: bool = True,
+    axis_name: Any = None,
+    axis_index_groups: Any = None,
+    extra: int = 0,
+) -> tuple[Moments, list[tuple[Array | None, Array | None]]]:
+    """:func:`compute_moments` plus ``extra`` more ``(x, mask)`` sets from the same :func:`copies`.
+
+    A caller that reads x again (the normalized output) takes its handles from
+    the same barrier, so that XLA cannot merge its elementwise work (e.g. the
+    conversion of bfloat16 x to float32) with that of the reductions and
+    materialize it.
+    """
     acc = accumulation_dtype(x.dtype)
     axes = tuple(axes)
-    xf = x.astype(acc)
-    if mask is None:
-        n = 1
-        for a in axes:
-            n *= x.shape[a]
-        count = jnp.full((1,) * x.ndim, n, acc)
-        valid = xf
+    n = 1
+    for a in axes:
+        n *= x.shape[a]
+    if mask is not None:
+        count = jnp.sum(jnp.broadcast_to(mask, x.shape), axes, keepdims=True, dtype=acc)
     else:
-        mask = jnp.broadcast_to(mask, x.shape)
-        count = jnp.sum(mask, axes, keepdims=True, dtype=acc)
-        valid = jnp.where(mask, xf, 0)
+        count = jnp.full((1,) * x.ndim, n, acc)
     denom = jnp.maximum(count, 1)
 
     def mean_of(v: Array) -> Array:
-        return jnp.sum(v, axes, keepdims=True) / denom
+        return sum_over(v, axes) / denom
 
-    if center:
-        shift = lax.stop_gradient(mean_of(valid))
-        d = xf - shift
-        if mask is not None:
-            d = jnp.where(mask, d, 0)
-        offset = mean_of(d)
-        var = jnp.maximum(mean_of(d * d) - offset * offset, 0)
+    def values(xi: Array, mi: Array | None, si: Array | None = None) -> Array:
+        v = xi.astype(acc) if si is None else xi.astype(acc) - si
+        return v if mi is None else jnp.where(mi, v, 0)
+
+    # Each reduction over the data rebuilds its own input (see sum_over).
+    sets = copies(extra + (1 if not center else 3), x, mask)
+    mine, rest = sets[: len(sets) - extra], sets[len(sets) - extra:]
+    if not center:
+        zero = jnp.zeros_like(count)
+        v = values(*mine[0])
+        return _finish(Moments(zero, zero, mean_of(v * v), count), axis_name, axis_index_groups), rest
+    if mask is None and n > 0 and not _split_across_devices(x, axes):
+        # The first value of each statistic (see the module docstring).
+        shift = lax.stop_gradient(x[tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim))].astype(acc))
     else:
-        shift = jnp.zeros_like(count)
-        offset = jnp.zeros_like(count)
-        var = mean_of(valid * valid)
-    local = Moments(shift, offset, var, count)
+        shift = lax.stop_gradient(mean_of(values(*mine[0])))
+    # One handle of the shift per reduction too: a shared one is broadcast to
+    # x's full size and written to memory.
+    (shift_1,), (shift_2,) = copies(2, expand_minor(shift, x.shape, axes))
+    offset = mean_of(values(*mine[1], shift_1))
+    d = values(*mine[2], shift_2)
+    var = jnp.maximum(mean_of(d * d) - offset * offset, 0)
+    return _finish(Moments(shift, offset, var, count), axis_name, axis_index_groups), rest
+
+
+def _split_across_devices(x: Array, axes: Sequence[int]) -> bool:
+    """Whether a reduced axis of ``x`` is sharded in its type (sharded jit on an Explicit mesh).
+
+    There the first value lives on one device and slicing it is refused, so the
+    shift falls back to the mean (the two-pass, whose reductions XLA turns into
+    all-reduces of per-device partial sums).
+    """
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    if spec is None:
+        return False
+    return any(a < len(spec) and spec[a] is not None for a in axes)
+
+
+def _finish(local: Moments, axis_name: Any, axis_index_groups: Any) -> Moments:
     if axis_name is None:
         return local
     return merge_across_devices(local, axis_name, axis_index_groups)
@@ -221,6 +274,81 @@ def varies_over(x: Array, axis_name: Any) -> bool:
     return all(n in vma for n in names)
 
 
+def sum_over(v: Array, axes: Sequence[int]) -> Array:
+    """``jnp.sum(v, axes, keepdims=True)``.
+
+    Measured on XLA:CPU (jax 0.10): a plain reduction of a fused elementwise
+    expression is as fast as its ``dot_general``/einsum form for both row and
+    column reductions, and the einsum form is slower when its operands must be
+    materialized, so this is a plain sum. What costs time there is an
+    elementwise intermediate of x's size that feeds two fusions: XLA writes it
+    to memory (a fresh allocation, several times the cost of reading x). Hence
+    :func:`copies`: every reduction over the data builds its own input.
+
+    Group norm's layout (..., G, S) with S reduced is the other slow case
+    there: the reduction over (..., S) runs about 2.5x faster as a reduction
+    of the (..., G * S) layout over the leading axes followed by a small
+    reduction over S, so that is how it is written when the trailing reduced
+    run is short (at most ``SMALL_MINOR`` values).
+    """
+    axes = tuple(sorted(axes))
+    nd = v.ndim
+    if _cpu() and len(axes) > 1 and nd - 1 in axes:
+        k = nd - 1
+        while k - 1 in axes:
+            k -= 1
+        j = k
+        while j - 1 >= 0 and j - 1 not in axes:
+            j -= 1
+        lead = tuple(a for a in axes if a < j)
+        if j < k and lead and math.prod(v.shape[k:]) <= SMALL_MINOR:
+            merged = jnp.reshape(v, v.shape[:j] + (math.prod(v.shape[j:]),))
+            part = jnp.sum(merged, lead, keepdims=True)
+            part = jnp.reshape(part, part.shape[:j] + v.shape[j:])
+            return jnp.sum(part, tuple(range(k, nd)), keepdims=True)
+    return jnp.sum(v, axes, keepdims=True)
+
+
+SMALL_MINOR = 64
+
+
+def _cpu() -> bool:
+    return jax.default_backend() == "cpu"
+
+
+def expand_minor(stat: Array, shape: tuple[int, ...], axes: Sequence[int]) -> Array:
+    """A statistic broadcast along a short reduced minor axis (see :func:`sum_over`).
+
+    Broadcasting a per-group value along the minor axis inside a fused
+    reduction is what makes those reductions slow on XLA:CPU; a statistic
+    stored with the minor axis expanded (a small array, passed through
+    :func:`copies` so that it stays materialized) only broadcasts along the
+    leading axes.
+    """
+    nd = len(shape)
+    if _cpu() and len(axes) > 1 and nd - 1 in axes and shape[-1] <= SMALL_MINOR and stat.shape[-1] == 1:
+        return jnp.broadcast_to(stat, stat.shape[:-1] + (shape[-1],))
+    return stat
+
+
+def copies(n: int, *arrays: Array | None) -> list[tuple[Array | None, ...]]:
+    """``n`` sets of handles to the same arrays that XLA will not merge (None passes through).
+
+    On CPU the sets come out of one ``optimization_barrier`` (no data is
+    copied), so elementwise work built from different sets is not merged by
+    common-subexpression elimination: each consumer recomputes its cheap input
+    inside its own fusion instead of reading a materialized full-size
+    intermediate. (Sets from separate barriers would be merged again once XLA
+    drops the barriers.) Other backends fuse multi-output reductions
+    themselves; there every set is the arrays themselves.
+    """
+    present = [a for a in arrays if a is not None]
+    if not present or not _cpu():
+        return [arrays] * n
+    flat = iter(lax.optimization_barrier(tuple(present) * n))
+    return [tuple(None if a is None else next(flat) for a in arrays) for _ in range(n)]
+
+
 def sum_across(values: Array, axis_name: Any, axis_index_groups: Any = None) -> Array:
     """Sum over ``axis_name`` (identity when it is None), within groups if given: one ``psum``.
 
@@ -255,7 +383,7 @@ def moments(
     """Mean and biased variance of ``x`` over ``axes``, numerically stable.
 
     Statistics accumulate in at least float32 whatever ``x``'s dtype, with a
-    shifted, corrected two-pass algorithm: a float32 input with mean 1e4 and
+    shifted algorithm (see the module docstring): a float32 input with mean 1e4 and
     standard deviation 1e-2 keeps its variance to well under 1%, where
     ``E[x^2] - E[x]^2`` loses every digit.
 
