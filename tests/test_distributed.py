@@ -589,3 +589,23 @@ if __name__ == "__main__":
             for k in got:
                 a, r = diffs(got[k], want[k])
                 print(f"{mode + (' masked' if masked else ''):22s} {k:10s} {a:10.2e} {r:10.2e}")
+
+
+def test_per_device_batch_norm_under_checked_shard_map_sums_replicated_parameter_gradients():
+    # Without axis_name each device normalizes its own rows; the scale and bias
+    # are replicated, so their gradient is the sum of the devices' gradients.
+    x, w, scale, bias = problem()
+
+    def local_loss(x, scale, bias, w):
+        y, _ = jn.batch_norm(x, jn.init_batch_stats(3), scale, bias, training=True)
+        return jnp.sum(y * w)
+
+    def step(x, scale, bias, w):
+        return jax.grad(local_loss, argnums=(1, 2))(x, scale, bias, w)
+
+    f = jax.jit(jax.shard_map(step, mesh=MESH, in_specs=(P(AXIS), P(), P(), P(AXIS)), out_specs=(P(), P())))
+    d_scale, d_bias = f(shard(x), scale, bias, shard(w))
+    xd, wd = x.astype(np.float64).reshape(D, -1, 3), w.astype(np.float64).reshape(D, -1, 3)
+    x_hat = (xd - xd.mean(1, keepdims=True)) / np.sqrt(xd.var(1, keepdims=True) + 1e-5)
+    np.testing.assert_allclose(np.asarray(d_scale), (wd * x_hat).sum((0, 1)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(d_bias), wd.sum((0, 1)), rtol=1e-5, atol=1e-5)

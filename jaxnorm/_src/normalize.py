@@ -50,7 +50,7 @@ from jax import lax
 
 from jaxnorm._src import errors
 from jaxnorm._src.stats import (
-    Moments, accumulation_dtype, copies, expand_minor, moments_and_copies, sum_across, sum_over, varies_over,
+    Moments, accumulation_dtype, copies, expand_minor, moments_and_copies, match_replication, sum_across, sum_over, varies_over,
 )
 
 Array = jax.Array
@@ -234,18 +234,10 @@ def _standardize_bwd(static, residuals, cotangents):
     if mask is not None:
         # Masked values do not enter the statistics: their own derivative is inv * g.
         dx = jnp.where(mi, dx, iv * gi)
-    # Under shard_map's type system a replicated scale or bias reached every
-    # device through an implicit broadcast, whose transpose is a psum: the
-    # cotangent must come back replicated, summed over the devices.
-    d_scale, d_bias = (_replicated_cotangent(d, p, x, axis_name) for d, p in ((d_scale, scale), (d_bias, bias)))
-    return dx.astype(x.dtype), None, d_scale, d_bias
-
-
-def _replicated_cotangent(d: Array | None, primal: Array | None, x: Array, axis_name: Any) -> Array | None:
-    """``d`` summed over ``axis_name`` where ``primal`` is typed replicated and ``x`` varying."""
-    if d is None or axis_name is None or varies_over(primal, axis_name) or not varies_over(x, axis_name):
-        return d
-    return lax.psum(d, axis_name)
+    # A replicated scale or bias (by shard_map's type system) gets its
+    # cotangent summed over the devices, as autodiff of the broadcast would.
+    d_scale, d_bias = match_replication(d_scale, scale), match_replication(d_bias, bias)
+    return match_replication(dx.astype(x.dtype), x), None, d_scale, d_bias
 
 
 _standardize.defvjp(_standardize_fwd, _standardize_bwd)

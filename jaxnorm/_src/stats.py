@@ -264,14 +264,37 @@ def varies_over(x: Array, axis_name: Any) -> bool:
     False under ``vmap``, ``pmap`` and ``shard_map(check_vma=False)``, which do
     not track this. The attribute moved between JAX versions, hence the lookups.
     """
-    aval = jax.typeof(x)
-    vma = getattr(aval, "vma", None)
-    if vma is None:
-        vma = getattr(getattr(aval, "mat", None), "varying", None)
+    vma = varying_axes(x)
     if not vma:
         return False
     names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
     return all(n in vma for n in names)
+
+
+def varying_axes(x: Any) -> frozenset:
+    """The mesh axes over which ``shard_map``'s type system says ``x`` varies (empty elsewhere)."""
+    aval = jax.typeof(x)
+    vma = getattr(aval, "vma", None)
+    if vma is None:
+        vma = getattr(getattr(aval, "mat", None), "varying", None)
+    return frozenset(vma or ())
+
+
+def match_replication(cotangent: Array | None, primal: Array | None) -> Array | None:
+    """``cotangent`` summed over the mesh axes where it varies but ``primal`` does not.
+
+    Under ``shard_map(check_vma=True)`` a replicated value (a scale, a bias)
+    meets per-device data through an implicit broadcast, whose transpose is a
+    ``psum``; a ``custom_vjp`` must return its cotangents with the primal's
+    type, so it does that sum itself. Elsewhere nothing varies by type and the
+    cotangent passes unchanged.
+    """
+    if cotangent is None or primal is None:
+        return cotangent
+    extra = varying_axes(cotangent) - varying_axes(primal)
+    if not extra:
+        return cotangent
+    return lax.psum(cotangent, tuple(sorted(extra)))
 
 
 def sum_over(v: Array, axes: Sequence[int]) -> Array:
