@@ -1,7 +1,6 @@
 """jaxnorm.nnx against flax.nnx itself and a float64 NumPy reference."""
 
 import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
