@@ -50,7 +50,15 @@ from jax import lax
 
 from jaxnorm._src import errors
 from jaxnorm._src.stats import (
-    Moments, accumulation_dtype, copies, expand_minor, moments_and_copies, match_replication, sum_across, sum_over, varies_over,
+    Moments,
+    accumulation_dtype,
+    copies,
+    expand_minor,
+    match_replication,
+    moments_and_copies,
+    sum_across,
+    sum_over,
+    varies_over,
 )
 
 Array = jax.Array
