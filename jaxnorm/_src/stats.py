@@ -48,6 +48,11 @@ Collectives, forward and backward (what the compiled HLO shows; the tests count 
   needs the global ``shift`` before it can reduce ``x - shift`` (XLA combines
   that pass's sums, and the count with a mask, into one), and the backward adds
   **one**: three in a training step, none of them an all-gather of the data.
+  That is on an Explicit mesh (``jax.make_mesh``'s default), where x's type
+  says the reduced axis is sharded and the shift is the mean. On an Auto mesh
+  the sharding is invisible while tracing, so the one-pass shift (the first
+  value) is read from the device that holds it: five small all-reduces in the
+  forward pass, still no all-gather.
   ``shard_map`` with ``axis_name`` saves one, since each device's own shift is
   good enough locally and the exact merge fixes the rest.
 
