@@ -304,7 +304,9 @@ def sum_over(v: Array, axes: Sequence[int]) -> Array:
         if j < k and lead and math.prod(v.shape[k:]) <= SMALL_MINOR:
             merged = jnp.reshape(v, v.shape[:j] + (math.prod(v.shape[j:]),))
             part = jnp.sum(merged, lead, keepdims=True)
-            part = jnp.reshape(part, part.shape[:j] + v.shape[j:])
+            # The barrier keeps XLA from merging the two reductions back into
+            # the slow one (its simplifier folds a reduce of a reduce).
+            part = lax.optimization_barrier(jnp.reshape(part, part.shape[:j] + v.shape[j:]))
             return jnp.sum(part, tuple(range(k, nd)), keepdims=True)
     return jnp.sum(v, axes, keepdims=True)
 
