@@ -30,7 +30,9 @@ Speed (measured on XLA:CPU, see README "Speed"): ``x_hat`` is never stored.
 The backward keeps x in its own dtype and every reduction, like the final
 elementwise pass, rebuilds ``x_hat`` from its own handles to x and the
 statistics (:func:`jaxnorm._src.stats.copies`), so no array of x's size is
-written except the result.
+written except the result. Where ``inv`` and ``offset`` are constant over the
+summed axes, the pass over the data forms ``g * (x - shift)`` only and applies
+them to the small partial sums (about 5-10% of batch norm's backward).
 
 Second derivatives: the backward is made of differentiable ``jax.numpy`` ops, so
 reverse-over-reverse (``jax.grad`` of ``jax.grad``, ``jax.hessian`` via
