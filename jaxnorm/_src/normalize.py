@@ -253,10 +253,25 @@ def _standardize_bwd(static, residuals, cotangents):
 
 
 def _replicated_cotangent(d: Array | None, primal: Array | None, x: Array, axis_name: Any) -> Array | None:
-    """``d`` summed over ``axis_name`` where ``primal`` is typed replicated and ``x`` varying."""
-    if d is None or axis_name is None or varies_over(primal, axis_name) or not varies_over(x, axis_name):
+    """``d`` summed over the manual axes it varies over and ``primal`` does not.
+
+    That is ``axis_name`` where ``primal`` is typed replicated and ``x``
+    varying, and also, without ``axis_name`` (statistics per device), every
+    axis of ``shard_map`` that x varies over and a replicated parameter does not.
+    """
+    if d is None:
         return d
-    return lax.psum(d, axis_name)
+    names = tuple(sorted(_vma(d) - _vma(primal), key=str))
+    return lax.psum(d, names) if names else d
+
+
+def _vma(a: Array) -> frozenset:
+    """The ``shard_map`` axes ``a`` is typed as varying over (empty outside ``check_vma``)."""
+    aval = jax.typeof(a)
+    vma = getattr(aval, "vma", None)
+    if vma is None:
+        vma = getattr(getattr(aval, "mat", None), "varying", None)
+    return frozenset(vma or ())
 
 
 _standardize.defvjp(_standardize_fwd, _standardize_bwd)
