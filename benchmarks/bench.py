@@ -131,7 +131,6 @@ def reference(kind: str, x: np.ndarray, axis: int | None, groups: int | None) ->
 
 def make_steps(kind: str, module: Any, variables: dict, bn: bool) -> dict[str, Callable]:
     """fwd / fwd+bwd / eval of a linen module (or of the naive function, module=None)."""
-    params = variables["params"]
     stats = variables.get("batch_stats")
 
     def apply(p, x):

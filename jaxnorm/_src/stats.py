@@ -317,7 +317,10 @@ def sum_over(v: Array, axes: Sequence[int]) -> Array:
     there: the reduction over (..., S) runs about 2.5x faster as a reduction
     of the (..., G * S) layout over the leading axes followed by a small
     reduction over S, so that is how it is written when the trailing reduced
-    run is short (at most ``SMALL_MINOR`` values).
+    run is short (at most ``SMALL_MINOR`` values), with an
+    ``optimization_barrier`` between the two: without it XLA folds the reduce
+    of a reduce back into the slow form (group norm's forward statistics,
+    15.6 ms instead of 6.6 ms per pass over a (32, 32, 32, 32, 8) float32 x).
     """
     axes = tuple(sorted(axes))
     nd = v.ndim
@@ -332,7 +335,9 @@ def sum_over(v: Array, axes: Sequence[int]) -> Array:
         if j < k and lead and math.prod(v.shape[k:]) <= SMALL_MINOR:
             merged = jnp.reshape(v, v.shape[:j] + (math.prod(v.shape[j:]),))
             part = jnp.sum(merged, lead, keepdims=True)
-            part = jnp.reshape(part, part.shape[:j] + v.shape[j:])
+            # The barrier keeps XLA from merging the two reductions back into
+            # the slow one (its simplifier folds a reduce of a reduce).
+            part = lax.optimization_barrier(jnp.reshape(part, part.shape[:j] + v.shape[j:]))
             return jnp.sum(part, tuple(range(k, nd)), keepdims=True)
     return jnp.sum(v, axes, keepdims=True)
 
