@@ -17,7 +17,7 @@ Variables:
 
 Differences from flax (see the README's "Flax" section):
 
-- The variance is always the stable shifted two-pass one; ``use_fast_variance``
+- The variance is always jaxnorm's stable shifted one (see ``jaxnorm.moments``); ``use_fast_variance``
   is accepted for compatibility and ignored (flax's default one-pass
   ``E[x^2] - E[x]^2`` loses every digit for inputs with a large offset).
   ``force_float32_reductions`` is likewise accepted and ignored: statistics
@@ -159,7 +159,7 @@ class BatchNorm(nn.Module):
         means instead, which is wrong when masks leave devices uneven counts.
       axis_index_groups: groups of ``axis_name`` indices that synchronize among themselves.
       use_fast_variance: accepted for flax compatibility and ignored: the
-        variance is always the stable two-pass one.
+        variance is always the stable shifted one.
       force_float32_reductions: accepted and ignored: statistics always
         accumulate in at least float32.
       average: ``"ema"`` (flax, default) or ``"cumulative"`` (the plain mean
@@ -282,7 +282,7 @@ class LayerNorm(nn.Module):
       axis_name, axis_index_groups: also reduce over devices along this named
         axis (features sharded across devices).
       use_fast_variance, force_float32_reductions: accepted for flax
-        compatibility and ignored (always the stable two-pass variance with at
+        compatibility and ignored (always the stable shifted variance with at
         least float32 accumulation).
 
     Example:

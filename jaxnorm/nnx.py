@@ -90,7 +90,7 @@ class BatchNorm(nnx.Module):
         (count-weighted global statistics, one all-reduce forward and one
         backward; see :func:`jaxnorm.batch_norm`).
       use_fast_variance: accepted for flax compatibility and ignored (the
-        variance is always the stable two-pass one).
+        variance is always the stable shifted one).
       promote_dtype: flax's dtype-promotion function, applied to x and the params.
       rngs: ``nnx.Rngs`` for the initializers.
       bias_metadata, scale_metadata: metadata for the ``nnx.Param`` variables.
@@ -256,7 +256,7 @@ class LayerNorm(_Stateless):
       bias_init, scale_init: their initializers.
       axis_name, axis_index_groups: also reduce over devices along this named axis.
       use_fast_variance: accepted for flax compatibility and ignored (always
-        the stable two-pass variance).
+        the stable shifted variance).
       promote_dtype: flax's dtype-promotion function, applied to x and the params.
       rngs: ``nnx.Rngs`` for the initializers.
       bias_metadata, scale_metadata: metadata for the ``nnx.Param`` variables.

@@ -1,22 +1,15 @@
 """examples/batch_size.py in --quick mode: batch norm degrades at batch 2, group and layer norm do not."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from examples_loader import load_example
 
 
 @pytest.mark.slow
 def test_quick_run(tmp_path):
     # One test, not several sharing a fixture: under pytest-xdist each worker would rerun it.
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import batch_size
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    batch_size = load_example("batch_size")
     payload = batch_size.main(["--quick", "--methods", "bn,gn,ln", "--seeds", "2", "--seed", "0",
                                "--out", str(tmp_path), "--no-progress"])
 

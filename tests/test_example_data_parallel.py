@@ -1,21 +1,14 @@
 """examples/data_parallel.py in --quick mode: synchronized batch norm trains like one device."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "data_parallel.py"
+from examples_loader import load_example
 
 
 @pytest.mark.slow
 def test_synced_matches_single_device_and_per_device_does_not(tmp_path):
-    spec = importlib.util.spec_from_file_location("data_parallel_example", EXAMPLE)
-    example = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = example  # flax's dataclasses look their module up there
-    spec.loader.exec_module(example)
+    example = load_example("data_parallel")
     result = example.main(["--quick", "--seed", "0", "--out", str(tmp_path)])
     final = result["final"]
     synced = final["synced"]["max_loss_diff_vs_single"]

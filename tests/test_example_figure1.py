@@ -7,15 +7,11 @@ regression in batch_norm's training or evaluation path shows up here.
 """
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from examples_loader import load_example
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-sys.path.insert(0, str(EXAMPLES))
-
-import figure1  # noqa: E402
+figure1 = load_example("figure1")
 
 pytestmark = pytest.mark.slow
 

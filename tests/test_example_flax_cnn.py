@@ -1,22 +1,14 @@
 """examples/flax_cnn.py in --quick mode: trains, evaluates, restores identically, folds exactly."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-
-
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+from examples_loader import load_example
 
 
 @pytest.mark.slow
 def test_quick_run(tmp_path):
-    sys.path.insert(0, str(EXAMPLES))
-    try:
-        import flax_cnn
-    finally:
-        sys.path.remove(str(EXAMPLES))
+    flax_cnn = load_example("flax_cnn")
     payload = flax_cnn.main(["--quick", "--seed", "0", "--out", str(tmp_path), "--no-progress"])
     on_disk = json.loads((tmp_path / "flax_cnn.json").read_text())
     assert set(on_disk) >= {"linen", "nnx", "restore", "fold", "epochs", "runtime_s"}

@@ -8,16 +8,12 @@ in batch_norm's training or evaluation path shows up here.
 
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from examples_loader import load_example
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-sys.path.insert(0, str(EXAMPLES))
-
-import learning_rates  # noqa: E402
+learning_rates = load_example("learning_rates")
 
 # One test runs the example once and checks everything: a module fixture would run once per
 # pytest-xdist worker, and the example's compilation is most of its cost.

@@ -12,7 +12,7 @@ Keeping them here means one wording per rule, whichever function trips it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -286,6 +286,11 @@ def check_collection(fn: str, variables: Any, name: str) -> None:
 
 def check_fold_stats(fn: str, stats: Any) -> None:
     """Raises unless ``stats`` has ``mean`` and ``var`` (a BatchStats or a mapping)."""
+    if isinstance(stats, Mapping):
+        if "mean" in stats and "var" in stats:
+            return
+    elif hasattr(stats, "mean") and hasattr(stats, "var"):
+        return
     raise ValueError(
         f"{fn}: `stats` must be a jn.BatchStats or a mapping with 'mean' and 'var', got "
         f"{type(stats).__name__}; pass the batch norm's running statistics, e.g. "

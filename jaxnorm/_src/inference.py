@@ -38,13 +38,10 @@ Array = jax.Array
 
 def _stats_fields(fn: str, stats: Any) -> tuple[Any, Any]:
     """``(mean, var)`` of a BatchStats, any object with those attributes, or a mapping."""
-    if isinstance(stats, Mapping):
-        if "mean" in stats and "var" in stats:
-            return stats["mean"], stats["var"]
-    elif hasattr(stats, "mean") and hasattr(stats, "var"):
-        return stats.mean, stats.var
     errors.check_fold_stats(fn, stats)
-    raise AssertionError  # unreachable: check_fold_stats raises
+    if isinstance(stats, Mapping):
+        return stats["mean"], stats["var"]
+    return stats.mean, stats.var
 
 
 def fold_batch_norm(
