@@ -65,6 +65,9 @@ CASES = {
                         lambda x, s, b: _gn_plain(x, s, b, 4, 1e-5, channel_axis=1), (8,)),
     "instance_norm": ((2, 3, 3, 4), lambda x, s, b: jn.instance_norm(x, s, b, epsilon=1e-5),
                       lambda x, s, b: _gn_plain(x, s, b, 4, 1e-5), (4,)),
+    # Rows of H * W values: the backward that recomputes its statistics (normalize._row_sums).
+    "instance_norm_nchw": ((2, 4, 3, 3), lambda x, s, b: jn.instance_norm(x, s, b, channel_axis=1, epsilon=1e-5),
+                           lambda x, s, b: _gn_plain(x, s, b, 4, 1e-5, channel_axis=1), (4,)),
 }
 
 
@@ -149,3 +152,31 @@ def test_half_precision_gradients_accumulate_in_float32(dtype):
     # y to bf16 (relative 4e-3 each), not a bf16 accumulation over 64 values.
     np.testing.assert_allclose(got[1], want[1], rtol=2e-2, atol=2e-2)
     np.testing.assert_allclose(got[2], want[2], rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("axes, center", [((2,), True), ((2,), False), ((1, 2), True), ((0,), True), ((0, 2), True)])
+def test_cotangents_of_the_returned_statistics(axes, center, x64):
+    """A loss reading y, the mean and the variance: rows (recomputed statistics) and the saved path."""
+    from jaxnorm._src.normalize import standardize
+
+    x = _data((5, 6, 3), 8)
+    scale = jnp.asarray(np.random.default_rng(9).uniform(0.5, 2.0, (1, 6, 1)))
+    w = jnp.asarray(np.random.default_rng(10).standard_normal((5, 6, 3)))
+
+    def ours(x, s):
+        y, m = standardize(x, axes, epsilon=1e-5, center=center, scale=s)
+        return jnp.sum(jnp.sin(y) * w) + jnp.sum(m.mean ** 2) + jnp.sum(jnp.sqrt(m.var + 1.0))
+
+    def plain(x, s):
+        n = np.prod([x.shape[a] for a in axes])
+        if center:
+            mean = jnp.sum(x, axes, keepdims=True) / n
+            var = jnp.sum((x - mean) ** 2, axes, keepdims=True) / n
+        else:
+            mean = jnp.zeros((1,) * x.ndim)
+            var = jnp.sum(x * x, axes, keepdims=True) / n
+        y = (x - mean) / jnp.sqrt(var + 1e-5) * s
+        return jnp.sum(jnp.sin(y) * w) + jnp.sum(mean ** 2) + jnp.sum(jnp.sqrt(var + 1.0))
+
+    for got, want in zip(jax.grad(ours, (0, 1))(x, scale), jax.grad(plain, (0, 1))(x, scale)):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-10)

@@ -323,29 +323,50 @@ def sum_over(v: Array, axes: Sequence[int]) -> Array:
     15.6 ms instead of 6.6 ms per pass over a (32, 32, 32, 32, 8) float32 x).
     """
     axes = tuple(sorted(axes))
-    nd = v.ndim
-    if _cpu() and len(axes) > 1 and nd - 1 in axes:
-        k = nd - 1
-        while k - 1 in axes:
-            k -= 1
-        j = k
-        while j - 1 >= 0 and j - 1 not in axes:
-            j -= 1
+    split = _minor_split(v.shape, axes)
+    if split is not None:
+        j, k = split
+        nd = v.ndim
         lead = tuple(a for a in axes if a < j)
-        if j < k and lead and math.prod(v.shape[k:]) <= SMALL_MINOR:
-            merged = jnp.reshape(v, v.shape[:j] + (math.prod(v.shape[j:]),))
-            part = jnp.sum(merged, lead, keepdims=True)
-            # The barrier keeps XLA from merging the two reductions back into
-            # the slow one (its simplifier folds a reduce of a reduce).
-            part = lax.optimization_barrier(jnp.reshape(part, part.shape[:j] + v.shape[j:]))
-            return jnp.sum(part, tuple(range(k, nd)), keepdims=True)
+        merged = jnp.reshape(v, v.shape[:j] + (math.prod(v.shape[j:]),))
+        part = jnp.sum(merged, lead, keepdims=True)
+        # The barrier keeps XLA from merging the two reductions back into
+        # the slow one (its simplifier folds a reduce of a reduce).
+        part = lax.optimization_barrier(jnp.reshape(part, part.shape[:j] + v.shape[j:]))
+        return jnp.sum(part, tuple(range(k, nd)), keepdims=True)
     return jnp.sum(v, axes, keepdims=True)
+
+
+def _minor_split(shape: tuple[int, ...], axes: Sequence[int]) -> tuple[int, int] | None:
+    """``(j, k)`` where :func:`sum_over` splits a reduction on CPU, else None.
+
+    ``shape[k:]`` is the trailing reduced run (at most ``SMALL_MINOR`` values),
+    ``shape[j:k]`` the kept axes before it, and some reduced axis lies before ``j``.
+    """
+    nd = len(shape)
+    if not (on_cpu() and len(axes) > 1 and nd - 1 in axes):
+        return None
+    k = nd - 1
+    while k - 1 in axes:
+        k -= 1
+    j = k
+    while j - 1 >= 0 and j - 1 not in axes:
+        j -= 1
+    if j < k and any(a < j for a in axes) and math.prod(shape[k:]) <= SMALL_MINOR:
+        return j, k
+    return None
+
+
+def reduces_trailing(axes: Sequence[int], ndim: int) -> bool:
+    """Whether ``axes`` are the last ``len(axes)`` axes: each statistic is one contiguous row."""
+    return len(axes) > 0 and tuple(sorted(axes)) == tuple(range(ndim - len(axes), ndim))
 
 
 SMALL_MINOR = 64
 
 
-def _cpu() -> bool:
+def on_cpu() -> bool:
+    """Whether jax compiles for XLA:CPU, where reductions are written as measured there."""
     return jax.default_backend() == "cpu"
 
 
@@ -358,8 +379,7 @@ def expand_minor(stat: Array, shape: tuple[int, ...], axes: Sequence[int]) -> Ar
     :func:`copies` so that it stays materialized) only broadcasts along the
     leading axes.
     """
-    nd = len(shape)
-    if _cpu() and len(axes) > 1 and nd - 1 in axes and shape[-1] <= SMALL_MINOR and stat.shape[-1] == 1:
+    if _minor_split(shape, axes) is not None and stat.shape[-1] == 1:
         return jnp.broadcast_to(stat, stat.shape[:-1] + (shape[-1],))
     return stat
 
@@ -376,7 +396,7 @@ def copies(n: int, *arrays: Array | None) -> list[tuple[Array | None, ...]]:
     themselves; there every set is the arrays themselves.
     """
     present = [a for a in arrays if a is not None]
-    if not present or not _cpu():
+    if not present or not on_cpu():
         return [arrays] * n
     flat = iter(lax.optimization_barrier(tuple(present) * n))
     return [tuple(None if a is None else next(flat) for a in arrays) for _ in range(n)]
