@@ -178,13 +178,17 @@ def compile_step(fn: Callable, *args, tries: int = 2) -> tuple[Callable, float, 
 
 
 def interleaved_median(fns: dict[str, Callable], args: tuple, repeats: int) -> dict[str, float]:
+    """Median seconds per call; one call of each per round, the order rotating from round to round."""
     for f in fns.values():
         jax.block_until_ready(f(*args))
+    names = list(fns)
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, f in fns.items():
+    for r in range(repeats):
+        # Rotating the order: no implementation always runs right after the
+        # same neighbour (whose freed output it may be handed) or first.
+        for k in names[r % len(names):] + names[: r % len(names)]:
             start = time.perf_counter()
-            jax.block_until_ready(f(*args))
+            jax.block_until_ready(fns[k](*args))
             times[k].append(time.perf_counter() - start)
     return {k: float(np.median(v)) for k, v in times.items()}
 
@@ -262,7 +266,7 @@ def run(quick: bool, repeats: int, only: list[str] | None, dtypes: list[str]) ->
                 rows.append(row)
                 print_row(row)
     return dict(
-        machine=machine(), streaming_gb_s=bw / 1e9, quick=quick, repeats=repeats,
+        machine=machine(), streaming_gb_s=bw / 1e9, quick=quick, repeats=repeats, malloc_env=malloc_env(),
         versions={"jax": jax.__version__, "flax": _flax_version(), "backend": jax.default_backend()}, rows=rows,
     )
 
@@ -271,6 +275,11 @@ def _flax_version() -> str:
     import flax
 
     return flax.__version__
+
+
+def malloc_env() -> dict[str, str]:
+    """glibc malloc settings from the environment (they decide whether large outputs are fresh pages)."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")}
 
 
 def machine() -> str:
@@ -315,6 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     repeats = args.repeats or (3 if args.quick else 15)
     print(f"jax {jax.__version__}, jaxnorm from {os.path.dirname(jnl.__file__)}, on {machine()}")
+    print(f"glibc malloc settings: {malloc_env() or 'defaults'}")
     print(HEADER)
     print("|" + "|".join("-" * (len(cell)) for cell in HEADER.split("|")[1:-1]) + "|")
     result = run(args.quick, repeats, args.only, args.dtypes)

@@ -144,13 +144,16 @@ def moments_and_copies(
     axis_name: Any = None,
     axis_index_groups: Any = None,
     extra: int = 0,
+    separate: bool = True,
 ) -> tuple[Moments, list[tuple[Array | None, Array | None]]]:
     """:func:`compute_moments` plus ``extra`` more ``(x, mask)`` sets from the same :func:`copies`.
 
     A caller that reads x again (the normalized output) takes its handles from
     the same barrier, so that XLA cannot merge its elementwise work (e.g. the
     conversion of bfloat16 x to float32) with that of the reductions and
-    materialize it.
+    materialize it. ``separate=False`` reads x itself everywhere, for a
+    caller whose one fusion consumes the statistics (a row's reductions and
+    its output, see ``normalize._row_sums``).
     """
     acc = accumulation_dtype(x.dtype)
     axes = tuple(axes)
@@ -171,20 +174,26 @@ def moments_and_copies(
         return v if mi is None else jnp.where(mi, v, 0)
 
     # Each reduction over the data rebuilds its own input (see sum_over).
-    sets = copies(extra + (1 if not center else 3), x, mask)
+    n_sets = extra + (1 if not center else 3)
+    sets = copies(n_sets, x, mask) if separate else [(x, mask)] * n_sets
     mine, rest = sets[: len(sets) - extra], sets[len(sets) - extra:]
     if not center:
         zero = jnp.zeros_like(count)
         v = values(*mine[0])
         return _finish(Moments(zero, zero, mean_of(v * v), count), axis_name, axis_index_groups), rest
     if mask is None and n > 0 and not _split_across_devices(x, axes):
-        # The first value of each statistic (see the module docstring).
-        shift = lax.stop_gradient(x[tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim))].astype(acc))
+        # The first value of each statistic (see the module docstring), read
+        # from a handle that no reduction uses: where XLA sees the slice of
+        # the very array a fusion converts to float32, it converts the whole
+        # array once for both and writes it to memory.
+        first = x if separate else copies(1, x)[0][0]
+        shift = lax.stop_gradient(first[tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim))].astype(acc))
     else:
         shift = lax.stop_gradient(mean_of(values(*mine[0])))
     # One handle of the shift per reduction too: a shared one is broadcast to
     # x's full size and written to memory.
-    (shift_1,), (shift_2,) = copies(2, expand_minor(shift, x.shape, axes))
+    shift_full = expand_minor(shift, x.shape, axes)
+    (shift_1,), (shift_2,) = copies(2, shift_full) if separate else [(shift_full,)] * 2
     offset = mean_of(values(*mine[1], shift_1))
     d = values(*mine[2], shift_2)
     var = jnp.maximum(mean_of(d * d) - offset * offset, 0)
