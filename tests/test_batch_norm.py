@@ -122,6 +122,18 @@ def test_non_finite_batch_leaves_every_feature_and_count_unchanged(bad):
         chex.assert_trees_all_equal(new, stats)
 
 
+def test_feature_without_valid_values_leaves_the_state_unchanged():
+    stats = jn.BatchStats(jnp.arange(3.0), jnp.arange(1.0, 4.0), jnp.asarray(5, jnp.int32))
+    x = data((6, 3))
+    mask = np.ones((6, 3), bool)
+    mask[:, 2] = False  # feature 2 has no valid value in this batch
+    _, new = jax.jit(lambda x, s: jn.batch_norm(x, s, training=True, mask=mask))(x, stats)
+    chex.assert_trees_all_equal(new, stats)
+    mask[0, 2] = True  # one valid value is enough to update
+    _, new = jax.jit(lambda x, s: jn.batch_norm(x, s, training=True, mask=mask))(x, stats)
+    assert int(new.count) == 6
+
+
 def test_count_saturates_instead_of_wrapping():
     top = jnp.iinfo(jnp.int32).max
     stats = jn.BatchStats(jnp.zeros(2), jnp.ones(2), jnp.asarray(top, jnp.int32))

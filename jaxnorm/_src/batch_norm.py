@@ -154,7 +154,7 @@ def update_stats(
         step = 1.0 / (stats.count.astype(batch_mean.dtype) + 1)
         new_mean = stats.mean + (batch_mean - stats.mean) * step
         new_var = stats.var + (batch_var - stats.var) * step
-    ok = jnp.all(jnp.isfinite(batch_mean)) & jnp.all(jnp.isfinite(batch_var)) & jnp.all(batch_count > 0)
+    ok = jnp.all(jnp.isfinite(batch_mean) & jnp.isfinite(batch_var) & (batch_count > 0))
     limit = jnp.iinfo(stats.count.dtype).max
     new_count = jnp.where(stats.count < limit, stats.count + 1, stats.count)
     return BatchStats(
@@ -261,8 +261,15 @@ def fold_batch(
     count = jnp.broadcast_to(m.count, m.var.shape)
     var = unbias(m.var, count) if unbiased else m.var
     valid = count > 0
-    groups = jnp.sum(valid, axis=0)
-    mean_over_groups = lambda a: jnp.sum(jnp.where(valid, a, 0), axis=0) / jnp.maximum(groups, 1)  # noqa: E731
+    if m.var.shape[0] == 1:
+        # One group (no ghost batches): its own statistics; a feature without
+        # valid values leaves the state unchanged in update_stats. (Fewer ops
+        # than the general mean below: each is a kernel XLA compiles.)
+        groups = valid[0]
+        mean_over_groups = lambda a: a[0]  # noqa: E731
+    else:
+        groups = jnp.sum(valid, axis=0)
+        mean_over_groups = lambda a: jnp.sum(jnp.where(valid, a, 0), axis=0) / jnp.maximum(groups, 1)  # noqa: E731
     feature = lambda a: jnp.reshape(a, lay.feature_shape)  # noqa: E731
     new_stats = update_stats(
         stats, feature(mean_over_groups(m.mean)), feature(mean_over_groups(var)), feature(groups),
