@@ -123,7 +123,9 @@ def _standardize_fwd(static, x, mask, scale, bias):
     )
     inv = _inv(m.var, epsilon)
     (sh, off, iv), = copies(1, *(expand_minor(a, x.shape, axes) for a in (m.shift, m.offset, inv)))
-    y = affine(_center(xi, sh, off) * iv, scale, bias, dtype)
+    if not center:
+        sh = off = None
+    y = affine(_center(xi, sh, off, iv.dtype) * iv, scale, bias, dtype)
     out = (y, m.shift, m.offset, m.var, m.count)
     # x is kept in its own dtype (half the bytes of a float32 x_hat for bf16)
     # and x_hat is recomputed in the backward: cheaper than storing it.
@@ -136,10 +138,18 @@ def _inv(var: Array, epsilon: float) -> Array:
     return lax.rsqrt(var + epsilon)
 
 
-def _center(x: Array, shift: Array, offset: Array) -> Array:
-    xf = x.astype(shift.dtype)
-    # Two subtractions: x - shift is exact near the mean, offset is small.
-    return (xf - shift) - offset
+def _center(x: Array, shift: Array | None, offset: Array | None, dtype: Any) -> Array:
+    """``(x - shift) - offset`` in ``dtype``; None (RMS norm) skips a subtraction.
+
+    Two subtractions: ``x - shift`` is exact near the mean, ``offset`` is small.
+    (XLA keeps a subtraction of zero, since ``-0.0 - 0.0`` is not ``-0.0``.)
+    """
+    xf = x.astype(dtype)
+    if shift is not None:
+        xf = xf - shift
+    if offset is not None:
+        xf = xf - offset
+    return xf
 
 
 def _constant_over(p: Array | None, axes: Sequence[int], ndim: int) -> bool:
@@ -231,7 +241,7 @@ def _sums(x, g, mask, scale, bias, shift, offset, inv, axes, center):
         gi = gi.astype(acc)
         if with_scale and sc is not None:
             gi = gi * sc
-        x_hat = _center(xi, sh, off) * iv
+        x_hat = (_center(xi, sh, off, acc) if center else xi.astype(acc)) * iv
         # Outputs at masked positions depend on the statistics too, so their
         # cotangents belong in the sums (the exact derivative, as autodiff of
         # a masked mean gives); positions with a zero cotangent are left out
@@ -259,7 +269,7 @@ def _sums(x, g, mask, scale, bias, shift, offset, inv, axes, center):
         # data subtracts the shift only (offset is small, so nothing cancels).
         gi, xi, mi, _, sh, _, _ = next(sets)
         gi = gi.astype(acc)
-        d = xi.astype(acc) - sh
+        d = _center(xi, sh if center else None, None, acc)
         if mi is not None:
             d = jnp.where(mi | (gi != 0), d, 0)
         part_gd = sum_over(gi * d, common)
@@ -306,7 +316,9 @@ def _row_sums(x, g, scale, bias, axes, epsilon, center):
     def x_hat_of(xi):
         m, _ = moments_and_copies(xi, axes, center=center, separate=False)
         inv = _inv(m.var, epsilon)
-        return _center(xi, m.shift, m.offset) * inv, inv
+        if not center:
+            return xi.astype(acc) * inv, inv
+        return _center(xi, m.shift, m.offset, acc) * inv, inv
 
     x_hat, inv = x_hat_of(xa)
     gi = ga.astype(acc) if scale is None else ga.astype(acc) * sca
