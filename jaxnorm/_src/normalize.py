@@ -246,7 +246,7 @@ def _sums(x, g, mask, scale, bias, shift, offset, inv, axes, center):
         gi = gi.astype(acc)
         if with_scale and sc is not None:
             gi = gi * sc
-        x_hat = (_center(xi, sh, off, acc) if center else xi.astype(acc)) * iv
+        x_hat = (_center(xi, sh, off, acc) if center else xi.astype(acc)) * iv  # no zero shift
         # Outputs at masked positions depend on the statistics too, so their
         # cotangents belong in the sums (the exact derivative, as autodiff of
         # a masked mean gives); positions with a zero cotangent are left out
@@ -321,9 +321,8 @@ def _row_sums(x, g, scale, bias, axes, epsilon, center):
     def x_hat_of(xi):
         m, _ = moments_and_copies(xi, axes, center=center, separate=False)
         inv = _inv(m.var, epsilon)
-        if not center:
-            return xi.astype(acc) * inv, inv
-        return _center(xi, m.shift, m.offset, acc) * inv, inv
+        shift, offset = (m.shift, m.offset) if center else (None, None)
+        return _center(xi, shift, offset, acc) * inv, inv
 
     x_hat, inv = x_hat_of(xa)
     gi = ga.astype(acc) if scale is None else ga.astype(acc) * sca
