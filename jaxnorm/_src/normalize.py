@@ -157,6 +157,11 @@ def _center(x: Array, shift: Array | None, offset: Array | None, dtype: Any) -> 
     return xf
 
 
+def _kept(v: Array, keep: Array | None) -> Array:
+    """``v`` where ``keep`` (None: everywhere), else 0."""
+    return v if keep is None else jnp.where(keep, v, 0)
+
+
 def _constant_over(p: Array | None, axes: Sequence[int], ndim: int) -> bool:
     """True when ``p`` (broadcasting from the right) has size 1 on every axis in ``axes``."""
     if p is None:
@@ -241,19 +246,23 @@ def _sums(x, g, mask, scale, bias, shift, offset, inv, axes, center):
     stats = (expand_minor(a, x.shape, axes) for a in (shift, offset, inv))
     sets = iter(copies(5, g, x, mask, scale, *stats))
 
-    def terms(with_scale: bool) -> tuple[Array, Array]:
+    def shifted(with_scale: bool) -> tuple[Array, Array, Array | None, Array, Array]:
+        """A set's ``(g [* scale], x - shift, keep, offset, inv)``; ``keep`` None without a mask."""
         gi, xi, mi, sc, sh, off, iv = next(sets)
         gi = gi.astype(acc)
         if with_scale and sc is not None:
             gi = gi * sc
-        x_hat = (_center(xi, sh, off, acc) if center else xi.astype(acc)) * iv  # no zero shift
+        d = _center(xi, sh if center else None, None, acc)  # no zero shift for RMS norm
         # Outputs at masked positions depend on the statistics too, so their
         # cotangents belong in the sums (the exact derivative, as autodiff of
         # a masked mean gives); positions with a zero cotangent are left out
         # so that NaN or inf held there cannot turn 0 * x_hat into NaN.
-        if mi is not None:
-            x_hat = jnp.where(mi | (gi != 0), x_hat, 0)
-        return gi, x_hat
+        keep = None if mi is None else mi | (gi != 0)
+        return gi, d, keep, off, iv
+
+    def terms(with_scale: bool) -> tuple[Array, Array]:
+        gi, d, keep, off, iv = shifted(with_scale)
+        return gi, _kept(((d - off) if center else d) * iv, keep)
 
     def sum_g(with_scale: bool, over: Sequence[int]) -> Array:
         return sum_over(terms(with_scale)[0], over)
@@ -272,12 +281,8 @@ def _sums(x, g, mask, scale, bias, shift, offset, inv, axes, center):
         # sum(g * x_hat) = inv * (sum(g * (x - shift)) - offset * sum(g)):
         # inv and offset are constant over these axes, so the pass over the
         # data subtracts the shift only (offset is small, so nothing cancels).
-        gi, xi, mi, _, sh, _, _ = next(sets)
-        gi = gi.astype(acc)
-        d = _center(xi, sh if center else None, None, acc)
-        if mi is not None:
-            d = jnp.where(mi | (gi != 0), d, 0)
-        part_gd = sum_over(gi * d, common)
+        gi, d, keep, _, _ = shifted(False)
+        part_gd = sum_over(gi * _kept(d, keep), common)
         part_g = sum_g(False, common) if (center or bias is not None) else None
         part_gx = (part_gd - offset * part_g) * inv if center else part_gd * inv
         d_scale = None if scale is None else _sum_to(part_gx, scale)
