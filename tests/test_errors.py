@@ -42,6 +42,15 @@ S = jn.init_batch_stats(6)
         (lambda: jn.group_norm(jnp.ones((2, 4), jnp.int8), num_groups=2), r"group_norm: `x` must have a real floating dtype"),
         (lambda: jn.normalize(X, jnp.zeros(5), 1.0, epsilon=1e-5), r"normalize: `mean` of shape \(5,\) does not broadcast to `x`"),
         (lambda: jn.batch_norm(jnp.ones((1, 6)), S, training=True), r"batch_norm: training needs more than one value per feature"),
+        (lambda: jn.batch_norm(X, S, training=True, epsilon=-1e-5), r"batch_norm: `epsilon` must be a finite number >= 0, got -1e-05; pass e.g. `epsilon=1e-5`"),
+        (lambda: jn.batch_norm(X, S, training=False, epsilon=float("nan")), r"batch_norm: `epsilon` must be a finite number >= 0, got nan"),
+        (lambda: jn.batch_renorm(X, S, training=True, epsilon=-1.0), r"batch_renorm: `epsilon` must be"),
+        (lambda: jn.layer_norm(X, epsilon=-1.0), r"layer_norm: `epsilon` must be"),
+        (lambda: jn.rms_norm(X, epsilon=float("inf")), r"rms_norm: `epsilon` must be"),
+        (lambda: jn.group_norm(X, num_groups=2, epsilon=-1.0), r"group_norm: `epsilon` must be"),
+        (lambda: jn.instance_norm(jnp.ones((2, 3, 4)), epsilon=(1e-5, 1e-5)), r"instance_norm: `epsilon` must be"),
+        (lambda: jn.normalize(X, 0.0, 1.0, epsilon=-1.0), r"normalize: `epsilon` must be"),
+        (lambda: jn.fold_batch_norm(jnp.ones((3, 6)), None, S, epsilon="small"), r"fold_batch_norm: `epsilon` must be"),
     ],
 )
 def test_bad_input_raises_value_error(call, match):

@@ -396,6 +396,7 @@ def batch_norm(
     """
     fn = "batch_norm"
     training = check_options(fn, training, average)
+    errors.check_epsilon(fn, epsilon)
     average = precise_bn.current_average(average)
     errors.check_ghost_batch_size(fn, ghost_batch_size)
     x, lay, mask = check_inputs(fn, x, stats, scale, bias, axis, mask)

@@ -131,6 +131,7 @@ def batch_renorm(
     """
     fn = "batch_renorm"
     training = check_options(fn, training, average)
+    errors.check_epsilon(fn, epsilon)
     average = precise_bn.current_average(average)
     r_max, d_max = precise_bn.current_renorm_limits(r_max, d_max)
     errors.check_ghost_batch_size(fn, ghost_batch_size)

@@ -150,12 +150,21 @@ def check_choice(fn: str, name: str, value: Any, choices: Sequence[str]) -> str:
     return value
 
 
-def check_positive(fn: str, name: str, value: Any) -> None:
-    """Raises for a static number that is not > 0 (traced values pass unchecked)."""
-    if isinstance(value, jax.core.Tracer):
+def check_epsilon(fn: str, epsilon: Any) -> None:
+    """Raises unless ``epsilon`` is a finite number >= 0 (traced values pass unchecked).
+
+    A negative epsilon turns a constant feature's ``sqrt(var + eps)`` into NaN.
+    """
+    if isinstance(epsilon, jax.core.Tracer):
         return
-    if not np.all(np.asarray(value) > 0):
-        raise ValueError(f"{fn}: `{name}` must be > 0, got {value!r}.")
+    try:
+        value = np.asarray(epsilon, dtype=np.float64)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or value.ndim != 0 or not np.isfinite(value) or value < 0:
+        raise ValueError(
+            f"{fn}: `epsilon` must be a finite number >= 0, got {epsilon!r}; pass e.g. `epsilon=1e-5`."
+        )
 
 
 def merge_call_option(fn: str, name: str, field: Any, call: Any, *, example: str, call_example: str) -> Any:

@@ -58,6 +58,7 @@ def _group_norm(
     dtype: Any = None,
 ) -> Array:
     errors.check_floating(fn, x)
+    errors.check_epsilon(fn, epsilon)
     x = jnp.asarray(x)
     if x.ndim < 2:
         raise ValueError(

@@ -97,6 +97,7 @@ def fold_batch_norm(
       True
     """
     fn = "fold_batch_norm"
+    errors.check_epsilon(fn, epsilon)
     mean, var = _stats_fields(fn, stats)
     errors.check_floating(fn, kernel, "kernel")
     kernel = jnp.asarray(kernel)

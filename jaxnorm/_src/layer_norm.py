@@ -104,6 +104,7 @@ def layer_norm(
       >>> [round(v, 4) for v in y[0].tolist()]
       [-1.2247, 0.0, 1.2247]
     """
+    errors.check_epsilon("layer_norm", epsilon)
     x, axes, mask, p = _prepare("layer_norm", x, axis, mask, {"scale": scale, "bias": bias}, feature_axes)
     y, _ = standardize(
         x, axes, epsilon=epsilon, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
@@ -154,6 +155,7 @@ def rms_norm(
       >>> [round(v, 4) for v in y[0].tolist()]
       [0.8485, 1.1314]
     """
+    errors.check_epsilon("rms_norm", epsilon)
     x, axes, mask, p = _prepare("rms_norm", x, axis, mask, {"scale": scale}, feature_axes)
     y, _ = standardize(
         x, axes, epsilon=epsilon, mask=mask, center=False,

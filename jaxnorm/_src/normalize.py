@@ -397,6 +397,7 @@ def normalize(
     """
     fn = "normalize"
     errors.check_floating(fn, x)
+    errors.check_epsilon(fn, epsilon)
     x = jnp.asarray(x)
     for name, value in (("mean", mean), ("var", var), ("scale", scale), ("bias", bias)):
         if value is None:
