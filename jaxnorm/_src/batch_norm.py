@@ -261,15 +261,8 @@ def fold_batch(
     count = jnp.broadcast_to(m.count, m.var.shape)
     var = unbias(m.var, count) if unbiased else m.var
     valid = count > 0
-    if m.var.shape[0] == 1:
-        # One group (no ghost batches): its own statistics; a feature without
-        # valid values leaves the state unchanged in update_stats. (Fewer ops
-        # than the general mean below: each is a kernel XLA compiles.)
-        groups = valid[0]
-        mean_over_groups = lambda a: a[0]  # noqa: E731
-    else:
-        groups = jnp.sum(valid, axis=0)
-        mean_over_groups = lambda a: jnp.sum(jnp.where(valid, a, 0), axis=0) / jnp.maximum(groups, 1)  # noqa: E731
+    groups = jnp.sum(valid, axis=0)
+    mean_over_groups = lambda a: jnp.sum(jnp.where(valid, a, 0), axis=0) / jnp.maximum(groups, 1)  # noqa: E731
     feature = lambda a: jnp.reshape(a, lay.feature_shape)  # noqa: E731
     new_stats = update_stats(
         stats, feature(mean_over_groups(m.mean)), feature(mean_over_groups(var)), feature(groups),

@@ -40,7 +40,7 @@ from jaxnorm._src.batch_norm import (
     fold_batch,
     view_param,
 )
-from jaxnorm._src.normalize import affine
+from jaxnorm._src.normalize import affine, inverse_std
 from jaxnorm._src.stats import accumulation_dtype
 
 Array = jax.Array
@@ -147,7 +147,7 @@ def batch_renorm(
         axis_index_groups=axis_index_groups, ghost_batch_size=ghost_batch_size, dtype=acc,
     )
     running_mean = view_param(stats.mean, view).astype(acc)
-    inv_sigma = lax.rsqrt(view_param(stats.var, view).astype(acc) + epsilon)
+    inv_sigma = inverse_std(view_param(stats.var, view).astype(acc), epsilon)
     r_max = jnp.asarray(r_max, acc)
     d_max = jnp.asarray(d_max, acc)
     # Both corrections are treated as constants (the paper's stop_gradient): the

@@ -126,7 +126,7 @@ def _standardize_fwd(static, x, mask, scale, bias):
     m, ((xi, _),) = moments_and_copies(
         x, axes, mask=mask, center=center, axis_name=axis_name, axis_index_groups=groups, extra=1,
     )
-    inv = _inv(m.var, epsilon)
+    inv = inverse_std(m.var, epsilon)
     (sh, off, iv), = copies(1, *(expand_minor(a, x.shape, axes) for a in (m.shift, m.offset, inv)))
     if not center:
         sh = off = None
@@ -139,7 +139,8 @@ def _standardize_fwd(static, x, mask, scale, bias):
     return out, (x, mask, scale, bias, *saved, m.count)
 
 
-def _inv(var: Array, epsilon: float) -> Array:
+def inverse_std(var: Array, epsilon: float) -> Array:
+    """``1 / sqrt(var + epsilon)``: the one place every norm turns a variance into its scale."""
     return lax.rsqrt(var + epsilon)
 
 
@@ -325,7 +326,7 @@ def _row_sums(x, g, scale, bias, axes, epsilon, center):
 
     def x_hat_of(xi):
         m, _ = moments_and_copies(xi, axes, center=center, separate=False)
-        inv = _inv(m.var, epsilon)
+        inv = inverse_std(m.var, epsilon)
         shift, offset = (m.shift, m.offset) if center else (None, None)
         return _center(xi, shift, offset, acc) * inv, inv
 
@@ -413,7 +414,7 @@ def normalize(
                 f"shape {x.shape}; reshape it to x's rank with 1 on the reduced axes."
             )
     acc = accumulation_dtype(x.dtype)
-    mul = lax.rsqrt(jnp.asarray(var, acc) + epsilon)
+    mul = inverse_std(jnp.asarray(var, acc), epsilon)
     if scale is not None:
         mul = mul * jnp.asarray(scale, acc)
     y = (x.astype(acc) - jnp.asarray(mean, acc)) * mul
