@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 import jaxnorm as jn
 import jaxnorm.linen as jnl
 import jaxnorm.nnx as jnx
-from jaxnorm._src.normalize import standardize
+from jaxnorm._src.standardize import standardize
 
 D = 8
 AXIS = "batch"

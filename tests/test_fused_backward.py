@@ -157,7 +157,7 @@ def test_half_precision_gradients_accumulate_in_float32(dtype):
 @pytest.mark.parametrize("axes, center", [((2,), True), ((2,), False), ((1, 2), True), ((0,), True), ((0, 2), True)])
 def test_cotangents_of_the_returned_statistics(axes, center, x64):
     """A loss reading y, the mean and the variance: rows (recomputed statistics) and the saved path."""
-    from jaxnorm._src.normalize import standardize
+    from jaxnorm._src.standardize import standardize
 
     x = _data((5, 6, 3), 8)
     scale = jnp.asarray(np.random.default_rng(9).uniform(0.5, 2.0, (1, 6, 1)))
