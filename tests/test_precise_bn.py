@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference as ref
 
 import jaxnorm as jn
-import reference as ref
 
 
 def mlp_params(seed=0, d_in=4, d_hidden=6, d_out=3):
@@ -27,8 +27,12 @@ def batches(n=5, size=8, d_in=4, seed=1):
 
 def forward(params, stats, x, *, training, unbiased=False):
     """dense -> batch_norm -> relu -> dense -> batch_renorm (the paper's limits)."""
-    h, s1 = jn.batch_norm(x @ params["w1"], stats["bn"], params["g1"], params["b1"], training=training, unbiased=unbiased)
-    y, s2 = jn.batch_renorm(jax.nn.relu(h) @ params["w2"], stats["brn"], training=training, r_max=3.0, d_max=5.0, unbiased=unbiased)
+    h, s1 = jn.batch_norm(
+        x @ params["w1"], stats["bn"], params["g1"], params["b1"], training=training, unbiased=unbiased
+    )
+    y, s2 = jn.batch_renorm(
+        jax.nn.relu(h) @ params["w2"], stats["brn"], training=training, r_max=3.0, d_max=5.0, unbiased=unbiased
+    )
     return y, {"bn": s1, "brn": s2}
 
 

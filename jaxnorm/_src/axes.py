@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+
 def canonical_axes(fn: str, name: str, axes: int | Sequence[int], shape: tuple[int, ...]) -> tuple[int, ...]:
     """Turns an int or a sequence of ints into sorted non-negative axes of ``shape``.
 

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+
 def check_floating(fn: str, x: Any, name: str = "x") -> Any:
     """Returns ``x`` unchanged; raises unless it has a real floating dtype (float16/bfloat16/float32/float64)."""
     dtype = jnp.result_type(x)

@@ -64,7 +64,11 @@ def check_feature_axis(fn: str, feature_axis: Any, kernel_shape: tuple[int, ...]
             f"{fn}: `kernel` must have at least one axis (the output features), got a "
             f"scalar; pass the layer's kernel, e.g. (in, out) for Dense or (H, W, in, out) for Conv."
         )
-    if isinstance(feature_axis, bool) or not isinstance(feature_axis, (int, np.integer)) or not -ndim <= feature_axis < ndim:
+    if (
+        isinstance(feature_axis, bool)
+        or not isinstance(feature_axis, (int, np.integer))
+        or not -ndim <= feature_axis < ndim
+    ):
         raise ValueError(
             f"{fn}: `feature_axis`={feature_axis!r} is not an axis of `kernel` (shape "
             f"{tuple(kernel_shape)}); pass an int in [{-ndim}, {ndim - 1}]: -1 for flax's "
@@ -73,7 +77,9 @@ def check_feature_axis(fn: str, feature_axis: Any, kernel_shape: tuple[int, ...]
     return int(feature_axis) % ndim
 
 
-def check_vector(fn: str, name: str, value: Any, features: int, kernel_shape: tuple[int, ...], feature_axis: Any) -> None:
+def check_vector(
+    fn: str, name: str, value: Any, features: int, kernel_shape: tuple[int, ...], feature_axis: Any
+) -> None:
     """Raises unless ``value`` is None or a floating vector of the layer's ``features`` outputs."""
     if value is None:
         return
@@ -205,8 +211,13 @@ def fold_batch_norm(
     along = tuple(c if a == axis else 1 for a in range(kernel.ndim))
     shaped = lambda v: None if v is None else jnp.reshape(v, along)  # noqa: E731
     new_kernel = normalize(
-        kernel.astype(acc), jnp.zeros((), acc), shaped(var), shaped(scale), None,
-        epsilon=epsilon, dtype=kernel.dtype,
+        kernel.astype(acc),
+        jnp.zeros((), acc),
+        shaped(var),
+        shaped(scale),
+        None,
+        epsilon=epsilon,
+        dtype=kernel.dtype,
     )
     # b' = normalize(b): (b - mean) * gamma / sqrt(var + eps) + beta.
     bias_dtype = kernel.dtype if bias is None else jnp.result_type(bias)
@@ -343,7 +354,11 @@ def fold_batch_norms(variables: Mapping[str, Any], pairs: Any, *, epsilon: float
         bn_stats = _get(out, "batch_stats", pair.batch_norm)
         check_paths(fn, pair.layer, layer, pair.batch_norm, bn_stats)
         kernel, bias = fold_batch_norm(
-            layer["kernel"], layer.get("bias"), bn_stats, bn_params.get("scale"), bn_params.get("bias"),
+            layer["kernel"],
+            layer.get("bias"),
+            bn_stats,
+            bn_params.get("scale"),
+            bn_params.get("bias"),
             epsilon=pair.epsilon,
         )
         layer["kernel"], layer["bias"] = kernel, bias

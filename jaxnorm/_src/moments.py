@@ -152,7 +152,8 @@ def moments_and_copies(
         # the very array a fusion converts to float32, it converts the whole
         # array once for both and writes it to memory.
         first = x if separate else copies(1, x)[0][0]
-        shift = lax.stop_gradient(first[tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim))].astype(acc))
+        first_values = first[tuple(slice(0, 1) if a in axes else slice(None) for a in range(x.ndim))]
+        shift = lax.stop_gradient(first_values.astype(acc))
     else:
         shift = lax.stop_gradient(mean_of(values(*mine[0])))
     # One handle of the shift per reduction too: a shared one is broadcast to
@@ -165,12 +166,10 @@ def moments_and_copies(
     return _finish(Moments(shift, offset, var, count), axis_name, axis_index_groups), rest
 
 
-
 def _finish(local: Moments, axis_name: Any, axis_index_groups: Any) -> Moments:
     if axis_name is None:
         return local
     return merge_across_devices(local, axis_name, axis_index_groups)
-
 
 
 def moments(

@@ -327,7 +327,8 @@ def saved_backward(static: Static, res: Residuals, ct: Outputs) -> tuple[Array, 
     ``g * scale`` and ``x_hat`` from x and g on their own handles.
     """
     axes, center = static.axes, static.center
-    x, g, mask, scale, bias, shift, offset, inv = res.x, ct.y, res.mask, res.scale, res.bias, res.shift, res.offset, res.inv
+    x, g, mask, scale, bias = res.x, ct.y, res.mask, res.scale, res.bias
+    shift, offset, inv = res.shift, res.offset, res.inv
     acc = inv.dtype
     stats = (expand_minor(a, x.shape, axes) for a in (shift, offset, inv))
     # Five sets: at most four reductions over the data and the final pass.

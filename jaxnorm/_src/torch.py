@@ -61,7 +61,7 @@ def raise_no_layer(fn: str, prefix: str, wanted: Sequence[str], n_keys: int, lay
 
 
 def raise_running_stats(fn: str, prefix: str) -> None:
-    """Always raises: a per-example norm (PyTorch InstanceNorm with track_running_stats=True) with running statistics."""
+    """Always raises: a per-example norm (PyTorch InstanceNorm, track_running_stats=True) with running statistics."""
     raise ValueError(
         f"{fn}: the layer under `prefix`={prefix!r} keeps running statistics "
         f"(track_running_stats=True), which a per-example norm does not use; in eval mode "
@@ -77,7 +77,11 @@ def check_momentum(fn: str, momentum: Any) -> float:
             f"{fn}: `momentum`=None is PyTorch's cumulative average, which has no "
             f"momentum; pass `average='cumulative'` to jn.batch_norm instead."
         )
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.floating, np.integer)) or not 0.0 <= float(momentum) <= 1.0:
+    if (
+        isinstance(momentum, bool)
+        or not isinstance(momentum, (int, float, np.floating, np.integer))
+        or not 0.0 <= float(momentum) <= 1.0
+    ):
         raise ValueError(f"{fn}: `momentum`={momentum!r} must be a number in [0, 1], e.g. `momentum=0.1`.")
     return float(momentum)
 
@@ -96,7 +100,7 @@ def _prefix(prefix: str) -> str:
 def _layer_keys(fn: str, state_dict: Mapping[str, Any], prefix: str, known: tuple[str, ...]) -> dict[str, Any]:
     """The entries of one layer under ``prefix``, by their short names; raises when there is none."""
     p = _prefix(prefix)
-    found = {k[len(p):]: v for k, v in state_dict.items() if k.startswith(p) and k[len(p):] in known}
+    found = {k[len(p) :]: v for k, v in state_dict.items() if k.startswith(p) and k[len(p) :] in known}
     if not found:
         layers = sorted({k.rsplit(".", 1)[0] for k in state_dict if "." in k and k.rsplit(".", 1)[1] in known})
         raise_no_layer(fn, prefix, [p + k for k in known], len(state_dict), layers)
@@ -131,7 +135,9 @@ def _stats_field(stats: Any, name: str) -> Any:
     return stats[name] if isinstance(stats, Mapping) else getattr(stats, name)
 
 
-def batch_norm_from_torch(state_dict: Mapping[str, Any], *, prefix: str = "") -> tuple[dict[str, Any], BatchStats | None]:
+def batch_norm_from_torch(
+    state_dict: Mapping[str, Any], *, prefix: str = ""
+) -> tuple[dict[str, Any], BatchStats | None]:
     """Converts a ``torch.nn.BatchNorm1d/2d/3d`` state dict to jaxnorm's parameters and statistics.
 
     Args:
@@ -162,7 +168,9 @@ def batch_norm_from_torch(state_dict: Mapping[str, Any], *, prefix: str = "") ->
       (['bias', 'scale'], 5, dtype('float32'))
     """
     fn = "batch_norm_from_torch"
-    found = _layer_keys(fn, state_dict, prefix, ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"))
+    found = _layer_keys(
+        fn, state_dict, prefix, ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    )
     params = _affine_params(found)
     if "running_mean" not in found or "running_var" not in found:
         return params, None
@@ -260,7 +268,9 @@ def _flip(fn: str, momentum: Any) -> float:
 
 
 def _norm_from_torch(fn: str, state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
-    found = _layer_keys(fn, state_dict, prefix, ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"))
+    found = _layer_keys(
+        fn, state_dict, prefix, ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    )
     if "running_mean" in found:
         raise_running_stats(fn, prefix)
     return _affine_params(found)
@@ -343,7 +353,9 @@ def instance_norm_from_torch(state_dict: Mapping[str, Any], *, prefix: str = "")
     return _norm_from_torch("instance_norm_from_torch", state_dict, prefix)
 
 
-def layer_norm_to_torch(params: Mapping[str, Any] | None, *, prefix: str = "", as_tensor: Callable[[np.ndarray], Any] | None = None) -> dict[str, Any]:
+def layer_norm_to_torch(
+    params: Mapping[str, Any] | None, *, prefix: str = "", as_tensor: Callable[[np.ndarray], Any] | None = None
+) -> dict[str, Any]:
     """``{"scale", "bias"}`` as ``torch.nn.LayerNorm``'s ``weight``/``bias``.
 
     The arrays must have the shape of the layer's ``normalized_shape``.
@@ -364,7 +376,9 @@ def layer_norm_to_torch(params: Mapping[str, Any] | None, *, prefix: str = "", a
     return _as_tensors(_affine_to_torch(params, prefix), as_tensor)
 
 
-def group_norm_to_torch(params: Mapping[str, Any] | None, *, prefix: str = "", as_tensor: Callable[[np.ndarray], Any] | None = None) -> dict[str, Any]:
+def group_norm_to_torch(
+    params: Mapping[str, Any] | None, *, prefix: str = "", as_tensor: Callable[[np.ndarray], Any] | None = None
+) -> dict[str, Any]:
     """``{"scale", "bias"}`` (C,) as ``torch.nn.GroupNorm``'s ``weight``/``bias``.
 
     Args:
@@ -383,7 +397,9 @@ def group_norm_to_torch(params: Mapping[str, Any] | None, *, prefix: str = "", a
     return _as_tensors(_affine_to_torch(params, prefix), as_tensor)
 
 
-def instance_norm_to_torch(params: Mapping[str, Any] | None, *, prefix: str = "", as_tensor: Callable[[np.ndarray], Any] | None = None) -> dict[str, Any]:
+def instance_norm_to_torch(
+    params: Mapping[str, Any] | None, *, prefix: str = "", as_tensor: Callable[[np.ndarray], Any] | None = None
+) -> dict[str, Any]:
     """``{"scale", "bias"}`` (C,) as ``torch.nn.InstanceNorm*d(affine=True)``'s ``weight``/``bias``.
 
     Args:
