@@ -96,7 +96,7 @@ CASES = {
         lambda x, s, b: _gn_plain(x, s, b, 4, 1e-5),
         (4,),
     ),
-    # Rows of H * W values: the backward that recomputes its statistics (normalize._row_sums).
+    # Rows of H * W values: the backward that recomputes its statistics (standardize.row_backward).
     "instance_norm_nchw": (
         (2, 4, 3, 3),
         lambda x, s, b: jn.instance_norm(x, s, b, channel_axis=1, epsilon=1e-5),

@@ -118,7 +118,7 @@ def moments_and_copies(
     conversion of bfloat16 x to float32) with that of the reductions and
     materialize it. ``separate=False`` reads x itself everywhere, for a
     caller whose one fusion consumes the statistics (a row's reductions and
-    its output, see ``normalize._row_sums``).
+    its output, see ``standardize.row_backward``).
     """
     acc = accumulation_dtype(x.dtype)
     axes = tuple(axes)
