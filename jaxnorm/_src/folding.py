@@ -42,13 +42,13 @@ Array = jax.Array
 
 # --- checks with folding as their only caller ---------------------------------
 
-def check_stats(fn: str, stats: Any) -> None:
-    """Raises unless ``stats`` has ``mean`` and ``var`` (a BatchStats or a mapping)."""
+def check_stats(fn: str, stats: Any) -> Any:
+    """Returns ``stats``; raises unless it has ``mean`` and ``var`` (a BatchStats or a mapping)."""
     if isinstance(stats, Mapping):
         if "mean" in stats and "var" in stats:
-            return
+            return stats
     elif hasattr(stats, "mean") and hasattr(stats, "var"):
-        return
+        return stats
     raise ValueError(
         f"{fn}: `stats` must be a jn.BatchStats or a mapping with 'mean' and 'var', got "
         f"{type(stats).__name__}; pass the batch norm's running statistics, e.g. "
@@ -79,10 +79,10 @@ def check_feature_axis(fn: str, feature_axis: Any, kernel_shape: tuple[int, ...]
 
 def check_vector(
     fn: str, name: str, value: Any, features: int, kernel_shape: tuple[int, ...], feature_axis: Any
-) -> None:
-    """Raises unless ``value`` is None or a floating vector of the layer's ``features`` outputs."""
+) -> Any:
+    """Returns ``value``; raises unless it is None or a floating vector of the layer's ``features`` outputs."""
     if value is None:
-        return
+        return None
     shape = tuple(np.shape(value))
     if shape != (features,):
         raise ValueError(
@@ -93,14 +93,15 @@ def check_vector(
     return check_floating(fn, value, name)
 
 
-def check_pair(fn: str, item: tuple[Any, ...]) -> None:
-    """One entry of ``pairs``: (layer_path, bn_path) or (layer_path, bn_path, epsilon)."""
+def check_pair(fn: str, item: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Returns one entry of ``pairs``; raises unless it is (layer_path, bn_path) or (layer_path, bn_path, epsilon)."""
     if len(item) not in (2, 3):
         raise ValueError(
             f"{fn}: each entry of `pairs` must be (layer_path, bn_path) or (layer_path, "
             f"bn_path, epsilon), got {item!r}; e.g. `[('Conv_0', 'BatchNorm_0')]` or "
             f"`{{'Conv_0': 'BatchNorm_0'}}`."
         )
+    return item
 
 
 def check_pairs_unique(fn: str, pairs: Sequence[tuple[tuple[str, ...], tuple[str, ...]]]) -> None:
