@@ -52,6 +52,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxnorm._src.collectives import varying_axes
+
 Array = jax.Array
 T = TypeVar("T")
 
@@ -68,6 +70,26 @@ def on_cpu_else(cpu: Callable[..., T], default: Callable[..., T], *args: Any) ->
     return lax.platform_dependent(*args, cpu=cpu, default=default)
 
 
+def join_varying(values: tuple[Array, ...]) -> tuple[Array, ...]:
+    """Each value cast to vary over every shard_map axis that any of ``values`` varies over (no-op on data).
+
+    ``lax.optimization_barrier`` types all its results so under
+    ``shard_map(check_vma=True)``; both branches of :func:`on_cpu_else` must
+    give the same types, so the branch without the barrier does the same.
+    """
+    union = frozenset().union(*(varying_axes(v) for v in values))
+    out = []
+    for v in values:
+        missing = tuple(sorted(union - varying_axes(v)))
+        out.append(lax.pcast(v, missing, to="varying") if missing else v)
+    return tuple(out)
+
+
+def barrier(values: tuple[Array, ...]) -> tuple[Array, ...]:
+    """``lax.optimization_barrier`` with its shard_map typing made explicit (see :func:`join_varying`)."""
+    return join_varying(tuple(lax.optimization_barrier(values)))
+
+
 def copies(n: int, *arrays: Array | None) -> list[tuple[Array | None, ...]]:
     """``n`` sets of handles to the same arrays that XLA:CPU will not merge (None passes through).
 
@@ -79,13 +101,20 @@ def copies(n: int, *arrays: Array | None) -> list[tuple[Array | None, ...]]:
     if not present or n == 0:
         return [arrays] * n
 
-    def barrier(*xs: Array) -> tuple[Array, ...]:
-        return tuple(lax.optimization_barrier(xs * n))
+    def separated(*xs: Array) -> tuple[Array, ...]:
+        return barrier(xs * n)
 
     def same(*xs: Array) -> tuple[Array, ...]:
-        return xs * n
+        return join_varying(xs * n)
 
-    flat = iter(on_cpu_else(barrier, same, *present))
+    if any(varying_axes(a) for a in present):
+        # Inside a checked shard_map the two branches' types differ (the
+        # barrier joins the varying axes) and the cond of platform_dependent
+        # there lost the parameter cotangents (measured: zero d_scale in
+        # tests/test_distributed.py); keep the barrier on every platform there.
+        flat = iter(separated(*present))
+    else:
+        flat = iter(on_cpu_else(separated, same, *present))
     return [tuple(None if a is None else next(flat) for a in arrays) for _ in range(n)]
 
 
@@ -122,9 +151,11 @@ def sum_over(v: Array, axes: Sequence[int]) -> Array:
         part = jnp.sum(merged, tuple(a for a in axes if a < j), keepdims=True)
         # The barrier keeps XLA from merging the two reductions back into
         # the slow one (its simplifier folds a reduce of a reduce).
-        part = lax.optimization_barrier(jnp.reshape(part, part.shape[:j] + v.shape[j:]))
+        (part,) = barrier((jnp.reshape(part, part.shape[:j] + v.shape[j:]),))
         return jnp.sum(part, tuple(range(k, v.ndim)), keepdims=True)
 
+    if varying_axes(v):  # inside a checked shard_map: see copies
+        return split_sum(v)
     return on_cpu_else(split_sum, lambda v: jnp.sum(v, axes, keepdims=True), v)
 
 

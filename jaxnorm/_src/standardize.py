@@ -63,7 +63,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxnorm._src.axes import broadcast_axes, reduces_trailing, right_aligned_shape
-from jaxnorm._src.collectives import match_replication, sum_across, varies_over
+from jaxnorm._src.collectives import match_replication, sum_across, varies_over, varying_axes
 from jaxnorm._src.lowering import copies, expand_minor, on_cpu_else, sum_over
 from jaxnorm._src.moments import Moments, accumulation_dtype, moments_and_copies
 
@@ -257,7 +257,7 @@ def standardize_bwd(static: Static, res: Residuals, ct: Outputs):
     # Only the cotangents of y, offset and var matter (shift carries no
     # gradient, count is an integer); the others stay out of the branches.
     ct = ct._replace(shift=None, count=None)
-    if static.rows:
+    if static.rows and not varying_axes(res.x):
         dx, d_scale, d_bias = on_cpu_else(
             functools.partial(row_backward, static), functools.partial(saved_backward, static), res, ct
         )
