@@ -157,6 +157,7 @@ def match_replication(cotangent: Array | None, primal: Array | None) -> Array | 
     extra = varying_axes(cotangent) - varying_axes(primal)
     if not extra:
         return cotangent
+    return lax.psum(cotangent, tuple(sorted(extra)))
 
 
 def sum_across(values: Array, axis_name: Any, axis_index_groups: Any = None) -> Array:

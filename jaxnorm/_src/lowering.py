@@ -3,11 +3,15 @@
 The formula code (:mod:`moments`, :mod:`standardize`) is written once, for
 every backend; where XLA:CPU needs the program written differently to run at
 full speed, it calls a helper from here. Each helper decides per *lowering
-platform* with :func:`on_cpu_else` (``jax.lax.platform_dependent``): both
-versions are traced, and only the one for the platform a program is compiled
-for is lowered, so a program compiled for a device that is not
-``jax.default_backend()`` (or for several platforms at once, ``jax.export``)
-gets the right one. Eager calls pick the branch of the platform they run on.
+platform*, never by ``jax.default_backend()``, so a program compiled for a
+device that is not the default one (or for several platforms at once,
+``jax.export``) gets the right code: the barrier is a primitive of its own,
+:data:`cpu_barrier_p`, with an ``optimization_barrier`` lowering registered
+for CPU and the identity for every other platform (it keeps its operands'
+shard_map types, which ``lax.optimization_barrier`` does not); a choice
+between two algorithms goes through :func:`on_cpu_else`
+(``jax.lax.platform_dependent``), whose branches are both traced and only
+the one for the platform being compiled for is lowered.
 
 The workarounds and their measurements (XLA:CPU, jax 0.10, 2-core AMD EPYC;
 README "Speed" has the full tables):
@@ -51,8 +55,10 @@ from typing import Any, TypeVar
 import jax
 import jax.numpy as jnp
 from jax import lax
-
-from jaxnorm._src.collectives import varying_axes
+from jax._src import dispatch  # apply_primitive: eager calls of cpu_barrier_p (tests/test_lowering.py)
+from jax._src.lib.mlir.dialects import hlo
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
 Array = jax.Array
 T = TypeVar("T")
@@ -70,51 +76,54 @@ def on_cpu_else(cpu: Callable[..., T], default: Callable[..., T], *args: Any) ->
     return lax.platform_dependent(*args, cpu=cpu, default=default)
 
 
-def join_varying(values: tuple[Array, ...]) -> tuple[Array, ...]:
-    """Each value cast to vary over every shard_map axis that any of ``values`` varies over (no-op on data).
+def _barrier_lowering_cpu(ctx: Any, *xs: Any) -> list[Any]:
+    return list(hlo.OptimizationBarrierOp(list(xs)).results)
 
-    ``lax.optimization_barrier`` types all its results so under
-    ``shard_map(check_vma=True)``; both branches of :func:`on_cpu_else` must
-    give the same types, so the branch without the barrier does the same.
-    """
-    union = frozenset().union(*(varying_axes(v) for v in values))
-    out = []
-    for v in values:
-        missing = tuple(sorted(union - varying_axes(v)))
-        out.append(lax.pcast(v, missing, to="varying") if missing else v)
-    return tuple(out)
+
+def _barrier_jvp(primals: Sequence[Array], tangents: Sequence[Any]) -> tuple[Any, Any]:
+    tangents = [ad.instantiate_zeros(t) for t in tangents]
+    return cpu_barrier_p.bind(*primals), cpu_barrier_p.bind(*tangents)
+
+
+def _barrier_transpose(cts: Sequence[Any], *primals: Any) -> list[Any]:
+    return list(cpu_barrier_p.bind(*[ad.instantiate_zeros(c) for c in cts]))
+
+
+cpu_barrier_p = Primitive("jaxnorm_cpu_barrier")
+"""``optimization_barrier`` when lowered for XLA:CPU, the identity on every other platform.
+
+Its abstract evaluation returns its operands' types unchanged (shard_map's
+varying axes included, unlike ``lax.optimization_barrier``, which joins
+them), so code that uses it types the same on every platform and under
+``shard_map(check_vma=True)``. Identity under jvp, transpose and vmap.
+"""
+cpu_barrier_p.multiple_results = True
+cpu_barrier_p.def_impl(lambda *xs: dispatch.apply_primitive(cpu_barrier_p, *xs))
+cpu_barrier_p.def_abstract_eval(lambda *avals: avals)
+mlir.register_lowering(cpu_barrier_p, lambda ctx, *xs: list(xs))
+mlir.register_lowering(cpu_barrier_p, _barrier_lowering_cpu, platform="cpu")
+ad.primitive_jvps[cpu_barrier_p] = _barrier_jvp
+ad.primitive_transposes[cpu_barrier_p] = _barrier_transpose
+batching.primitive_batchers[cpu_barrier_p] = lambda args, dims: (cpu_barrier_p.bind(*args), dims)
 
 
 def barrier(values: tuple[Array, ...]) -> tuple[Array, ...]:
-    """``lax.optimization_barrier`` with its shard_map typing made explicit (see :func:`join_varying`)."""
-    return join_varying(tuple(lax.optimization_barrier(values)))
+    """``values`` through one :data:`cpu_barrier_p`: an ``optimization_barrier`` on CPU only."""
+    return tuple(cpu_barrier_p.bind(*values))
 
 
 def copies(n: int, *arrays: Array | None) -> list[tuple[Array | None, ...]]:
     """``n`` sets of handles to the same arrays that XLA:CPU will not merge (None passes through).
 
-    On CPU the sets come out of one ``optimization_barrier`` (see the module
-    docstring; sets from separate barriers would be merged again once XLA
-    drops the barriers). Elsewhere every set is the arrays themselves.
+    The sets come out of one :func:`barrier` (see the module docstring; sets
+    from separate barriers would be merged again once XLA drops the
+    barriers). The barrier is lowered per platform: on every backend but CPU
+    every set is the arrays themselves.
     """
     present = tuple(a for a in arrays if a is not None)
     if not present or n == 0:
         return [arrays] * n
-
-    def separated(*xs: Array) -> tuple[Array, ...]:
-        return barrier(xs * n)
-
-    def same(*xs: Array) -> tuple[Array, ...]:
-        return join_varying(xs * n)
-
-    if any(varying_axes(a) for a in present):
-        # Inside a checked shard_map the two branches' types differ (the
-        # barrier joins the varying axes) and the cond of platform_dependent
-        # there lost the parameter cotangents (measured: zero d_scale in
-        # tests/test_distributed.py); keep the barrier on every platform there.
-        flat = iter(separated(*present))
-    else:
-        flat = iter(on_cpu_else(separated, same, *present))
+    flat = iter(barrier(present * n))
     return [tuple(None if a is None else next(flat) for a in arrays) for _ in range(n)]
 
 
@@ -154,8 +163,6 @@ def sum_over(v: Array, axes: Sequence[int]) -> Array:
         (part,) = barrier((jnp.reshape(part, part.shape[:j] + v.shape[j:]),))
         return jnp.sum(part, tuple(range(k, v.ndim)), keepdims=True)
 
-    if varying_axes(v):  # inside a checked shard_map: see copies
-        return split_sum(v)
     return on_cpu_else(split_sum, lambda v: jnp.sum(v, axes, keepdims=True), v)
 
 
