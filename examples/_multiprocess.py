@@ -33,8 +33,8 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 # Seconds; generous because the machines that run the tests may be busy.
 INITIALIZATION_TIMEOUT = 90
