@@ -193,10 +193,14 @@ def flat(tree, prefix):
 
 
 def record(results, prefix, tree, *, replicated):
-    """Gathers every leaf to a global NumPy array; for replicated ones also each local device's copy."""
+    """Gathers every leaf to a global NumPy array; for replicated ones also each local device's copy.
+
+    ``replicated=True`` asserts that every leaf is replicated (``shard_map``'s ``P()`` outputs).
+    """
     for name, leaf in flat(tree, prefix).items():
         results[name] = np.asarray(multihost_utils.process_allgather(leaf, tiled=True))
-        if replicated:
+        assert leaf.sharding.is_fully_replicated or not replicated, name
+        if leaf.sharding.is_fully_replicated:  # sharded jit's statistics too, where XLA replicates them
             results[name + "@replicas"] = np.stack([np.asarray(s.data) for s in leaf.addressable_shards])
 
 

@@ -142,9 +142,12 @@ def check_results(results: list[dict]) -> None:
                 np.testing.assert_array_equal(v[0], r[k[: -len("@replicas")]], err_msg=k)
     for name, got, want, atol, rtol in comparisons(results):
         np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=atol, rtol=rtol, err_msg=name)
-    for k, v in first.items():
-        if k.endswith("/count"):
-            assert v == 1, (k, v)
+    stats_keys = [k for k in first if re.search(r"/(mean|var|count)(/value)?$", k)]
+    assert len(stats_keys) == 3 * 15, stats_keys
+    for k in stats_keys:  # statistics are replicated in every mode, sharded jit included
+        assert k + "@replicas" in first, k
+        if k.endswith(("/count", "/count/value")):
+            assert first[k] == 1, (k, first[k])
     # a NaN in one process's batch: no statistic moves on any device of any process
     nan_keys = [k for k in first if k.startswith("nan_") and "/after/" in k and not k.endswith("@replicas")]
     assert len(nan_keys) == 4 * 3, nan_keys
