@@ -16,29 +16,41 @@ normalizes with the statistics of a few examples and trains a different model.
 The script prints a table, and writes ``results/data_parallel.json`` and
 ``results/data_parallel.png``.
 
-Run: ``python examples/data_parallel.py [--quick] [--seed 0]``. Nothing is
-downloaded (the digits ship with scikit-learn). The 8 devices are host CPU
-devices made by ``--xla_force_host_platform_device_count=8``, set before jax is
-imported; on a machine with 8 GPUs or TPUs the same code runs on those.
+With ``--processes N`` the script also runs ``synced`` training as one JAX job
+of N local processes with 8/N devices each (``jax.distributed.initialize``,
+gloo collectives over localhost, each process feeding its slice of every batch
+with ``jax.make_array_from_process_local_data``) and adds that run, ``synced,
+N processes``, to the table: it matches single-device training as the
+one-process run does. docs/guides/multi_process.md is the recipe.
+
+Run: ``python examples/data_parallel.py [--quick] [--seed 0] [--processes 2]``.
+Nothing is downloaded (the digits ship with scikit-learn). The 8 devices are
+host CPU devices made by ``--xla_force_host_platform_device_count=8``, set
+before jax is imported; on a machine with 8 GPUs or TPUs the same code runs on
+those.
 """
 
 from __future__ import annotations
 
 import os
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAXNORM_PROCESS_ID" not in os.environ:  # a process of a --processes run has its devices from the launcher
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run against the jaxnorm next to this script
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "examples"):
+    if str(_path) not in sys.path:  # run against the jaxnorm next to this script; its helpers
+        sys.path.insert(0, str(_path))
 
+import _multiprocess  # noqa: E402
 import flax.linen as nn  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -144,6 +156,56 @@ def evaluate(params, stats, x, y):
     return loss, (logits.argmax(-1) == y).mean()
 
 
+def process_main(args, steps_n: int) -> None:
+    """One process of a ``--processes`` run: ``synced`` training on the mesh of every process's devices.
+
+    Every process starts from the same weights (the same seed) and feeds its
+    slice of each global batch; process 0 writes the loss curve and the test
+    metrics to ``<out>/process_0.json``.
+    """
+    start = time.perf_counter()
+    process_id, num_processes = _multiprocess.initialize()
+    initialized = time.perf_counter()
+    x_tr, y_tr, x_te, y_te = load(args.seed)
+    order = batches(len(x_tr), args.batch, steps_n, args.seed)
+    optimizer = optax.adam(3e-3)
+    # One compiled init: op by op, on a busy machine, it took 30 s in each process.
+    init = jax.jit(ConvNet(None).init, static_argnums=2)
+    variables = init(jax.random.key(args.seed), x_tr[: args.batch], True)
+    steps, sharding, replicated = make_steps(optimizer, args.batch)  # the mesh spans all processes' devices
+    host = jax.tree.map(np.asarray, (variables["params"], variables["batch_stats"],
+                                     optimizer.init(variables["params"])))
+    params, stats, opt_state = jax.device_put(host, replicated)  # the same values in every process
+    per_process = args.batch // num_processes
+    mine = slice(process_id * per_process, (process_id + 1) * per_process)
+    losses, step_seconds = [], []
+    for idx in tqdm(order, desc=f"process {process_id}", leave=False, mininterval=0.5, disable=args.no_progress):
+        xb, yb = (jax.make_array_from_process_local_data(sharding, a[idx[mine]]) for a in (x_tr, y_tr))
+        params, stats, opt_state, loss = steps["synced"](params, stats, opt_state, xb, yb)
+        losses.append(float(loss.addressable_data(0)))  # replicated: the local copy is the value
+        step_seconds.append(time.perf_counter())
+    if process_id == 0:
+        local = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), (params, stats))
+        test_loss, acc = jax.jit(evaluate)(*local, x_te, y_te)  # on process 0's own device only
+        (args.out / "process_0.json").write_text(json.dumps({
+            "curve": losses, "test_loss": float(test_loss), "test_accuracy": float(acc),
+            "processes": num_processes, "devices": jax.device_count(), "local_devices": jax.local_device_count(),
+            "seconds": {"initialize": initialized - start, "first_step": step_seconds[0] - initialized,
+                        "later_steps": step_seconds[-1] - step_seconds[0]},
+        }))
+
+
+def launch_processes(args, steps_n: int) -> tuple[dict, float]:
+    """Runs ``synced`` training as ``args.processes`` local processes; their results and wall seconds."""
+    with tempfile.TemporaryDirectory() as tmp:
+        child_args = ["--steps", str(steps_n), "--seed", str(args.seed), "--batch", str(args.batch),
+                      "--out", tmp, "--no-progress"]
+        seconds = _multiprocess.launch(Path(__file__), child_args, num_processes=args.processes,
+                                       local_devices=DEVICES // args.processes, log_dir=tmp,
+                                       timeout=300 + 2 * steps_n)
+        return json.loads((Path(tmp) / "process_0.json").read_text()), seconds
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a few seconds: 40 steps")
@@ -151,8 +213,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 600, 40 with --quick)")
     parser.add_argument("--batch", type=int, default=32, help="global batch, split over 8 devices")
     parser.add_argument("--out", type=Path, default=ROOT / "results")
+    parser.add_argument("--processes", type=int, default=1,
+                        help="also train synced over this many local processes (a divisor of 8), e.g. 2")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     args = parser.parse_args(argv)
     steps_n = args.steps or (40 if args.quick else 600)
+    if "JAXNORM_PROCESS_ID" in os.environ:  # started by launch_processes
+        _multiprocess.run_worker(lambda: process_main(args, steps_n))
+        return {}
+    if args.processes < 1 or DEVICES % args.processes:
+        parser.error(f"`--processes`={args.processes} must divide the {DEVICES} devices; pass 1, 2, 4 or 8")
     if len(jax.devices()) < DEVICES:
         raise SystemExit(
             f"needs {DEVICES} devices, found {len(jax.devices())}: set XLA_FLAGS="
@@ -173,7 +243,7 @@ def main(argv=None) -> dict:
             # Replicated from the start, so the step compiles once (its outputs are replicated).
             params, stats, opt_state = jax.device_put((params, stats, opt_state), replicated)
         losses = []
-        for idx in tqdm(order, desc=f"{method:>10s}", leave=False, mininterval=0.5):
+        for idx in tqdm(order, desc=f"{method:>10s}", leave=False, mininterval=0.5, disable=args.no_progress):
             xb, yb = x_tr[idx], y_tr[idx]
             if method != "single":
                 xb, yb = jax.device_put(xb, sharding), jax.device_put(yb, sharding)
@@ -185,10 +255,18 @@ def main(argv=None) -> dict:
         curves[method] = losses
         test_loss, acc = jax.jit(evaluate)(params, stats, x_te, y_te)
         final[method] = {"train_loss": curves[method][-1], "test_loss": float(test_loss), "test_accuracy": float(acc)}
+    processes_seconds = None
+    if args.processes > 1:
+        run, processes_seconds = launch_processes(args, steps_n)
+        method = f"synced, {args.processes} processes"
+        curves[method] = run["curve"]
+        final[method] = {"train_loss": run["curve"][-1], "test_loss": run["test_loss"],
+                         "test_accuracy": run["test_accuracy"]}
+    methods = list(curves)
 
     single = np.asarray(curves["single"])
     early = min(20, len(single))
-    for method in METHODS:
+    for method in methods:
         diff = np.abs(np.asarray(curves[method]) - single)
         # Float32 rounding differs between one device and eight (the sums are
         # grouped differently); training amplifies it slowly, so the early
@@ -198,17 +276,21 @@ def main(argv=None) -> dict:
     seconds = time.perf_counter() - start
 
     print(f"\n{len(order)} steps, global batch {args.batch} ({args.batch // DEVICES} per device), seed {args.seed}")
-    print(f"{'method':>10s} | {'train loss':>10s} | {'test loss':>9s} | {'test acc':>8s} | "
+    width = max(map(len, methods))
+    print(f"{'method':>{width}s} | {'train loss':>10s} | {'test loss':>9s} | {'test acc':>8s} | "
           f"max |loss - single|: first {early} steps | all steps")
-    for method in METHODS:
+    for method in methods:
         r = final[method]
-        print(f"{method:>10s} | {r['train_loss']:10.4f} | {r['test_loss']:9.4f} | {r['test_accuracy']:8.3f} | "
+        print(f"{method:>{width}s} | {r['train_loss']:10.4f} | {r['test_loss']:9.4f} | {r['test_accuracy']:8.3f} | "
               f"{r['max_loss_diff_first_20_steps']:>31.2e} | {r['max_loss_diff_vs_single']:9.2e}")
+    if processes_seconds is not None:
+        print(f"({args.processes} processes x {DEVICES // args.processes} devices, gloo collectives: "
+              f"{processes_seconds:.1f} s of the total, start-up included)")
     print(f"{seconds:.1f} s")
 
     result = {
         "config": {"steps": len(order), "global_batch": args.batch, "devices": DEVICES, "seed": args.seed,
-                   "optimizer": "adam(3e-3)", "quick": args.quick},
+                   "optimizer": "adam(3e-3)", "quick": args.quick, "processes": args.processes},
         "final": final,
         "curves": curves,
         "seconds": seconds,
@@ -225,13 +307,14 @@ def plot(curves, path, batch):
     fig, (ax, ax_diff) = plt.subplots(1, 2, figsize=(10, 3.8))
     styles = {"single": dict(lw=3, alpha=0.4), "synced": dict(lw=1.2, ls="--"), "per-device": dict(lw=1.2)}
     for method, curve in curves.items():
-        ax.plot(curve, label=method, **styles[method])
+        ax.plot(curve, label=method, **styles.get(method, dict(lw=1.5, ls=":")))
     ax.set(xlabel="step", ylabel="training loss", yscale="log",
            title=f"8 devices, global batch {batch} ({batch // DEVICES} per device)")
     ax.legend()
     single = np.asarray(curves["single"])
-    for method in METHODS[1:]:
-        ax_diff.plot(np.abs(np.asarray(curves[method]) - single) + 1e-9, label=method, **styles[method])
+    for method in list(curves)[1:]:
+        ax_diff.plot(np.abs(np.asarray(curves[method]) - single) + 1e-9, label=method,
+                     **styles.get(method, dict(lw=1.5, ls=":")))
     ax_diff.set(xlabel="step", ylabel="|loss - single-device loss|", yscale="log",
                 title="difference from single-device training")
     ax_diff.legend()
