@@ -22,6 +22,12 @@ from jaxnorm._src.layer_norm import rms_norm as rms_norm
 from jaxnorm._src.normalize import normalize as normalize
 from jaxnorm._src.precise_bn import recalibrate as recalibrate
 from jaxnorm._src.stats import moments as moments
+from jaxnorm._src.feature_stats import FeatureStats as FeatureStats
+from jaxnorm._src.feature_stats import init_feature_stats as init_feature_stats
+from jaxnorm._src.feature_stats import merge_feature_stats as merge_feature_stats
+from jaxnorm._src.feature_stats import standardize_features as standardize_features
+from jaxnorm._src.feature_stats import unstandardize_features as unstandardize_features
+from jaxnorm._src.feature_stats import update_feature_stats as update_feature_stats
 
 __version__ = "0.1.0"
 
@@ -41,4 +47,10 @@ __all__ = [
     "recalibrate",
     "renorm_schedule",
     "rms_norm",
+    "FeatureStats",
+    "init_feature_stats",
+    "merge_feature_stats",
+    "standardize_features",
+    "unstandardize_features",
+    "update_feature_stats",
 ]
