@@ -17,9 +17,10 @@ the pairwise merge of Chan, Golub & LeVeque (1979/1983),
     n = n_a + n_b,  delta = mean_b - mean_a,
     mean = mean_a + delta * n_b / n,  M2 = M2_a + M2_b + delta^2 * n_a * n_b / n,
 
-computed by the same function that merges devices
-(:func:`~jaxnorm._src.stats.merge_across_devices`, run over a named axis of
-size 2 under ``vmap``), so the formula exists once in jaxnorm. It never forms
+computed by the function that merges devices' moments
+(:func:`~jaxnorm._src.stats.merge_stacked`, behind
+:func:`~jaxnorm._src.stats.merge_across_devices`), so the formula exists once
+in jaxnorm. It never forms
 ``E[x^2] - E[x]^2`` and merging is associative and commutative up to float
 rounding: any order or grouping of batches and shards gives the statistics
 of the concatenated data.
@@ -43,15 +44,14 @@ float32 merge, exact below 2^24 valid values per feature per call.
 The mean: float32 plus a residual. ``mean`` is the float32 mean and
 ``mean_residual`` what rounding it left out (the true mean is
 ``mean + mean_residual``, a double-float pair kept by an error-free
-two-sum). Without it the stored mean is off by up to half its ulp, every
-later batch's ``delta`` is taken against that wrong mean, and M2 drifts to
-the second moment about it: the variance gains ``err^2``, with ``err`` up
-to 4.9e-4 for float32 data of mean 1e4, which against a std of 1e-2 is a
-variance 0.24% too large (the issue's target is 0.1%); once the counts are
-large the rounded mean stops moving and the error stays. With the residual
-such data keep their variance to 5e-6 over 2000 batches of 64 (the same
-stream without the residual: 1e-2)
-(tests/test_feature_stats.py). :func:`standardize_features` subtracts both
+two-sum). Without it the stored mean is off by up to half its ulp
+(4.9e-4 at 1e4), every later batch's ``delta`` is taken against that wrong
+mean, and M2 drifts towards the second moment about it; once the counts are
+large the rounded mean stops moving and the error stays. For float32 data of
+mean 1e4 and std 1e-2 in 2000 batches of 64, the variance then ends up to
+1e-2 too large (the issue's target is 1e-3); with the residual it is right
+to 5e-6 (tests/test_feature_stats.py checks 1e-4).
+:func:`standardize_features` subtracts both
 parts, so ``x - mean`` stays exact near the mean.
 
 Float32 limits that remain: a batch whose weight ``n_b / n`` is below 2^-24
@@ -84,14 +84,13 @@ from jax import lax
 from jaxnorm._src import errors
 from jaxnorm._src.batch_norm import Layout, layout
 from jaxnorm._src.normalize import _center, inverse_std
-from jaxnorm._src.stats import Moments, compute_moments, merge_across_devices
+from jaxnorm._src.stats import Moments, compute_moments, merge_stacked
 
 Array = jax.Array
 
 LIMB_BITS = 30
 _LOW = (1 << LIMB_BITS) - 1
 _HIGH_MAX = int(np.iinfo(np.int32).max)
-_PAIR = "jaxnorm_feature_stats_pair"
 
 
 class FeatureStats(NamedTuple):
@@ -215,10 +214,8 @@ def _as_moments(stats: FeatureStats) -> Moments:
 
 
 def _merge_moments(a: Moments, b: Moments) -> Moments:
-    """Chan et al.'s merge of two sets of moments: the cross-device merge over a pair."""
-    stacked = jax.tree.map(lambda u, v: jnp.stack([u, v]), a, b)
-    merged = jax.vmap(lambda m: merge_across_devices(m, _PAIR), axis_name=_PAIR)(stacked)
-    return jax.tree.map(lambda t: t[0], merged)
+    """Chan et al.'s merge of two sets of moments: the core's cross-device merge over a pair."""
+    return merge_stacked(jax.tree.map(lambda u, v: jnp.stack([u, v]), a, b))
 
 
 def _merged_state(a: FeatureStats, b_moments: Moments, b_count: Array) -> FeatureStats:
@@ -240,7 +237,10 @@ def _where(cond: Array, if_true: FeatureStats, if_false: FeatureStats) -> Featur
     return FeatureStats(*(pick(t, f) for t, f in zip(if_true, if_false)))
 
 
-def check_feature_stats(fn: str, stats: Any, feature_shape: tuple[int, ...] | None = None, x_shape: Any = None, axis: Any = None, name: str = "stats") -> None:
+def check_feature_stats(
+    fn: str, stats: Any, feature_shape: tuple[int, ...] | None = None, x_shape: Any = None, axis: Any = None,
+    name: str = "stats", like: str | None = None,
+) -> None:
     """Raises unless ``stats`` is a :class:`FeatureStats` whose fields have ``feature_shape``."""
     if not isinstance(stats, FeatureStats):
         raise ValueError(
@@ -252,9 +252,14 @@ def check_feature_stats(fn: str, stats: Any, feature_shape: tuple[int, ...] | No
     for field, want in expected.items():
         got = tuple(np.shape(getattr(stats, field)))
         if got != want:
+            if like is not None:
+                raise ValueError(
+                    f"{fn}: `{name}.{field}` has shape {got}, but `{like}.{field}` has shape {want}; "
+                    f"merge states of the same feature shape (made by `jn.init_feature_stats` with one shape)."
+                )
             where = (
                 f"`x` of shape {tuple(x_shape)} with `axis`={axis!r} keeps features of shape {shape}"
-                if x_shape is not None else f"`{name}.mean` has shape {shape}"
+                if x_shape is not None else f"`{name}.mean` has shape {tuple(np.shape(stats.mean))}"
             )
             raise ValueError(
                 f"{fn}: `{name}.{field}` has shape {got}, but {where}, so it needs {want}; create "
@@ -393,7 +398,7 @@ def merge_feature_stats(a: FeatureStats, b: FeatureStats) -> FeatureStats:
     """
     fn = "merge_feature_stats"
     check_feature_stats(fn, a, name="a")
-    check_feature_stats(fn, b, tuple(np.shape(a.mean)), name="b")
+    check_feature_stats(fn, b, tuple(np.shape(a.mean)), name="b", like="a")
     if jnp.result_type(a.mean) != jnp.result_type(b.mean):
         raise ValueError(
             f"{fn}: `a` holds {jnp.result_type(a.mean)} statistics and `b` {jnp.result_type(b.mean)}; "

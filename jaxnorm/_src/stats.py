@@ -250,6 +250,16 @@ def merge_across_devices(local: Moments, axis_name: Any, axis_index_groups: Any 
         member = jnp.asarray(_membership(groups, size))[me]
         member = jnp.reshape(member, (size,) + (1,) * len(shape))
         shift, offset, var, n = (jnp.where(member, a, 0) for a in (shift, offset, var, n))
+    return merge_stacked(Moments(shift, offset, var, n))
+
+
+def merge_stacked(parts: Moments) -> Moments:
+    """Chan et al.'s exact count-weighted merge of moments stacked along axis 0.
+
+    The formula behind :func:`merge_across_devices` (one part per device) and
+    :mod:`jaxnorm._src.feature_stats` (a state and a batch, or two states).
+    """
+    shift, offset, var, n = parts
     total = jnp.sum(n, axis=0)
     weight = n / jnp.maximum(total, 1)
     ref = jnp.argmax(n, axis=0)
