@@ -12,6 +12,12 @@ from jaxnorm._src.batch_norm import batch_norm as batch_norm
 from jaxnorm._src.batch_norm import init_batch_stats as init_batch_stats
 from jaxnorm._src.batch_renorm import batch_renorm as batch_renorm
 from jaxnorm._src.batch_renorm import renorm_schedule as renorm_schedule
+from jaxnorm._src.feature_stats import FeatureStats as FeatureStats
+from jaxnorm._src.feature_stats import init_feature_stats as init_feature_stats
+from jaxnorm._src.feature_stats import merge_feature_stats as merge_feature_stats
+from jaxnorm._src.feature_stats import standardize_features as standardize_features
+from jaxnorm._src.feature_stats import unstandardize_features as unstandardize_features
+from jaxnorm._src.feature_stats import update_feature_stats as update_feature_stats
 from jaxnorm._src.group_norm import group_norm as group_norm
 from jaxnorm._src.group_norm import instance_norm as instance_norm
 from jaxnorm._src.inference import FoldPair as FoldPair
@@ -22,12 +28,6 @@ from jaxnorm._src.layer_norm import rms_norm as rms_norm
 from jaxnorm._src.normalize import normalize as normalize
 from jaxnorm._src.precise_bn import recalibrate as recalibrate
 from jaxnorm._src.stats import moments as moments
-from jaxnorm._src.feature_stats import FeatureStats as FeatureStats
-from jaxnorm._src.feature_stats import init_feature_stats as init_feature_stats
-from jaxnorm._src.feature_stats import merge_feature_stats as merge_feature_stats
-from jaxnorm._src.feature_stats import standardize_features as standardize_features
-from jaxnorm._src.feature_stats import unstandardize_features as unstandardize_features
-from jaxnorm._src.feature_stats import update_feature_stats as update_feature_stats
 
 __version__ = "0.1.0"
 

@@ -806,3 +806,9 @@ def _fold_refusal(fn: str, bn: nn.Module, layer: Any, x: Any, paths: list[Any], 
     if users:
         return f"the output of {name!r} is also the input of {', '.join(users)}"
     return None
+
+
+from jaxnorm._linen.input_normalization import InputNormalization as InputNormalization  # noqa: E402
+from jaxnorm._linen.input_normalization import adapt as adapt  # noqa: E402
+
+__all__ += ["InputNormalization", "adapt"]

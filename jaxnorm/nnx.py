@@ -690,3 +690,9 @@ def recalibrate(model: nnx.Module, batches: Any) -> None:
     )
     for layer, layer_stats in zip(layers, new):
         _set_stats(layer, layer_stats)
+
+
+from jaxnorm._nnx.input_normalization import InputNormalization as InputNormalization  # noqa: E402
+from jaxnorm._nnx.input_normalization import adapt as adapt  # noqa: E402
+
+__all__ += ["InputNormalization", "adapt"]

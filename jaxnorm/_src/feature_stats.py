@@ -166,7 +166,7 @@ def init_feature_stats(feature_shape: int | tuple[int, ...], *, dtype: Any = jnp
         shape = tuple(int(d) for d in shape)
     except TypeError:
         shape = None
-    if shape is None or any(d < 0 for d in shape) or isinstance(feature_shape, bool):
+    if shape is None or any(d < 0 for d in shape) or isinstance(feature_shape, (bool, str)):
         raise ValueError(
             f"{fn}: `feature_shape` must be an int or a tuple of non-negative ints, got "
             f"{feature_shape!r}; pass e.g. `{fn}(64)` or `{fn}((32, 32, 3))`."
@@ -234,7 +234,7 @@ def _where(cond: Array, if_true: FeatureStats, if_false: FeatureStats) -> Featur
         c = jnp.reshape(cond, jnp.shape(cond) + (1,) * (t.ndim - jnp.ndim(cond))) if t.ndim > jnp.ndim(cond) else cond
         return jnp.where(c, t, f).astype(f.dtype)
 
-    return FeatureStats(*(pick(t, f) for t, f in zip(if_true, if_false)))
+    return FeatureStats(*(pick(t, f) for t, f in zip(if_true, if_false, strict=True)))
 
 
 def check_feature_stats(
