@@ -133,3 +133,15 @@ def test_nnx_errors():
         jnx.adapt(jnx.InputNormalization(3), [])
     with pytest.raises(ValueError, match=r"init_feature_stats: `feature_shape` must be an int or a tuple"):
         jnx.InputNormalization("3")
+
+
+def test_data_normalization_guide_runs():
+    """Every ```python block of docs/guides/data_normalization.md runs as written."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "guides" / "data_normalization.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    assert len(blocks) >= 6
+    for i, block in enumerate(blocks):
+        exec(compile(block, f"data_normalization.md[{i}]", "exec"), {"__name__": f"guide_{i}"})
