@@ -94,6 +94,18 @@ def test_large_offset_many_batches_in_scan():
     ref_y = (data[0].astype(np.float64) - mean) / np.sqrt(var)
     np.testing.assert_allclose(y, ref_y, atol=2e-3)
 
+    # Why the state keeps the mean's residual: the same stream with a plain float32 mean misses the target.
+    @jax.jit
+    def stream_without_residual(xs):
+        def step(s, x):
+            s = jn.update_feature_stats(s, x)
+            return s._replace(mean_residual=jnp.zeros_like(s.mean_residual)), None
+
+        return jax.lax.scan(step, jn.init_feature_stats(3), xs)[0]
+
+    plain = stream_without_residual(jnp.asarray(data))
+    assert np.max(np.abs(np.asarray(plain.var, np.float64) / var - 1)) > 1e-3
+
 
 @settings(max_examples=15, deadline=None)
 @given(
@@ -368,3 +380,17 @@ def test_bad_input_messages_and_state_unchanged():
     with pytest.raises(ValueError, match=r"`stats.count` must be int32"):
         jn.update_feature_stats(s._replace(count=s.count.astype(jnp.float32)), jnp.ones((4, 3)))
     chex.assert_trees_all_equal(jax.tree.map(np.array, s), before)
+
+
+def test_matches_scikit_learn_partial_fit():
+    from sklearn.preprocessing import StandardScaler
+
+    x = np.random.default_rng(11).normal([5.0, -1.0], [3.0, 0.2], (120, 2)).astype(np.float32)
+    scaler, s = StandardScaler(), jn.init_feature_stats(2)
+    for batch in np.split(x, 6):
+        scaler.partial_fit(batch.astype(np.float64))
+        s = update(s, jnp.asarray(batch))
+    np.testing.assert_allclose(s.mean, scaler.mean_, rtol=1e-6)
+    np.testing.assert_allclose(s.var, scaler.var_, rtol=1e-5)
+    assert s.exact_count().tolist() == [int(scaler.n_samples_seen_)] * 2
+    np.testing.assert_allclose(jn.standardize_features(x, s, epsilon=0.0), scaler.transform(x), rtol=1e-5, atol=1e-5)
