@@ -8,7 +8,9 @@ that tests can call in ``--quick`` mode. The pieces they share live here:
 - :func:`load_mnist1d` and :func:`load_digits`: data that is generated or ships
   inside a package, so nothing is downloaded at run time. Both return a
   :class:`Dataset` of float32 features standardized with the training set's
-  per-feature mean and standard deviation, and int32 labels.
+  per-feature mean and standard deviation (streamed with
+  :func:`jaxnorm.update_feature_stats`, applied with
+  :func:`jaxnorm.standardize_features`), and int32 labels.
 - :func:`progress`: a tqdm bar on stderr.
 - :func:`write_json`, :func:`save_figure`: ``<out>/<name>.json`` and
   ``<out>/<name>.png`` (matplotlib's Agg backend, no display needed).
@@ -62,11 +64,28 @@ class Dataset(NamedTuple):
         return int(max(self.y_train.max(), self.y_test.max()) + 1)
 
 
-def _standardized(name, x_train, y_train, x_test, y_test) -> Dataset:
-    mean = x_train.mean(axis=0)
-    std = x_train.std(axis=0) + 1e-6  # constant pixels in the digits would divide by 0
+def _standardized(name, x_train, y_train, x_test, y_test, *, chunk: int = 500) -> Dataset:
+    """Standardizes both splits with the training set's per-feature statistics.
+
+    The statistics are streamed over the training set in chunks of ``chunk``
+    rows (:func:`jaxnorm.update_feature_stats`, exact whatever the chunking),
+    as a data set too large for memory would be; ``epsilon=1e-12`` keeps
+    constant pixels of the digits at 0.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    import jaxnorm as jn
+
+    x_train = np.asarray(x_train, np.float32)
+    update = jax.jit(jn.update_feature_stats)
+    stats = jn.init_feature_stats(x_train.shape[1])
+    for start in range(0, len(x_train), chunk):
+        stats = update(stats, jnp.asarray(x_train[start:start + chunk]))
+
     def scale(x):
-        return ((x - mean) / std).astype(np.float32)
+        return np.asarray(jn.standardize_features(jnp.asarray(x, jnp.float32), stats, epsilon=1e-12))
+
     return Dataset(scale(x_train), y_train.astype(np.int32), scale(x_test), y_test.astype(np.int32), name)
 
 

@@ -13,6 +13,12 @@ file; the README's "Layout of the code" is the map).
 from jaxnorm._src.batch_norm import batch_norm as batch_norm
 from jaxnorm._src.batch_renorm import batch_renorm as batch_renorm
 from jaxnorm._src.batch_renorm import renorm_schedule as renorm_schedule
+from jaxnorm._src.feature_stats import FeatureStats as FeatureStats
+from jaxnorm._src.feature_stats import init_feature_stats as init_feature_stats
+from jaxnorm._src.feature_stats import merge_feature_stats as merge_feature_stats
+from jaxnorm._src.feature_stats import standardize_features as standardize_features
+from jaxnorm._src.feature_stats import unstandardize_features as unstandardize_features
+from jaxnorm._src.feature_stats import update_feature_stats as update_feature_stats
 from jaxnorm._src.folding import FoldPair as FoldPair
 from jaxnorm._src.folding import fold_batch_norm as fold_batch_norm
 from jaxnorm._src.folding import fold_batch_norms as fold_batch_norms
@@ -44,4 +50,10 @@ __all__ = [
     "recalibrate",
     "renorm_schedule",
     "rms_norm",
+    "FeatureStats",
+    "init_feature_stats",
+    "merge_feature_stats",
+    "standardize_features",
+    "unstandardize_features",
+    "update_feature_stats",
 ]

@@ -75,3 +75,9 @@ __all__ = [
     "override_average",
     "recalibrate",
 ]
+
+
+from jaxnorm._linen.input_normalization import InputNormalization as InputNormalization  # noqa: E402
+from jaxnorm._linen.input_normalization import adapt as adapt  # noqa: E402
+
+__all__ += ["InputNormalization", "adapt"]

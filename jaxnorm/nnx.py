@@ -44,3 +44,9 @@ __all__ = [
     "recalibrate",
     "reset_batch_stats",
 ]
+
+
+from jaxnorm._nnx.input_normalization import InputNormalization as InputNormalization  # noqa: E402
+from jaxnorm._nnx.input_normalization import adapt as adapt  # noqa: E402
+
+__all__ += ["InputNormalization", "adapt"]

@@ -99,6 +99,16 @@ def merge_across_devices(local: M, axis_name: Any, axis_index_groups: Any = None
         member = jnp.asarray(_membership(groups, size))[me]
         member = jnp.reshape(member, (size,) + (1,) * len(shape))
         shift, offset, var, n = (jnp.where(member, a, 0) for a in (shift, offset, var, n))
+    return merge_stacked(local._replace(shift=shift, offset=offset, var=var, count=n))
+
+
+def merge_stacked(parts: M) -> M:
+    """Chan et al.'s exact count-weighted merge of moments stacked along axis 0.
+
+    The formula behind :func:`merge_across_devices` (one part per device) and
+    :mod:`jaxnorm._src.feature_stats` (a state and a batch, or two states).
+    """
+    shift, offset, var, n = parts.shift, parts.offset, parts.var, parts.count
     total = jnp.sum(n, axis=0)
     weight = n / jnp.maximum(total, 1)
     ref = jnp.argmax(n, axis=0)
@@ -109,7 +119,7 @@ def merge_across_devices(local: M, axis_name: Any, axis_index_groups: Any = None
     mean_delta = jnp.sum(weight * delta, axis=0)
     spread = delta - mean_delta
     merged_var = jnp.sum(weight * (var + spread * spread), axis=0)
-    return local._replace(shift=ref_shift, offset=mean_delta, var=merged_var, count=total)
+    return parts._replace(shift=ref_shift, offset=mean_delta, var=merged_var, count=total)
 
 
 def _membership(groups: tuple[tuple[int, ...], ...], size: int) -> Any:
