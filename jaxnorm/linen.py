@@ -806,3 +806,11 @@ def _fold_refusal(fn: str, bn: nn.Module, layer: Any, x: Any, paths: list[Any], 
     if users:
         return f"the output of {name!r} is also the input of {', '.join(users)}"
     return None
+
+from jaxnorm._linen.recurrent import BatchNormLSTMCell as BatchNormLSTMCell  # noqa: E402
+from jaxnorm._linen.recurrent import LayerNormGRUCell as LayerNormGRUCell  # noqa: E402
+from jaxnorm._linen.recurrent import LayerNormLSTMCell as LayerNormLSTMCell  # noqa: E402
+from jaxnorm._linen.recurrent import StepCarry as StepCarry  # noqa: E402
+from jaxnorm._linen.recurrent import extend_step_stats as extend_step_stats  # noqa: E402
+
+__all__ += ["BatchNormLSTMCell", "LayerNormGRUCell", "LayerNormLSTMCell", "StepCarry", "extend_step_stats"]

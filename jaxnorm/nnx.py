@@ -690,3 +690,10 @@ def recalibrate(model: nnx.Module, batches: Any) -> None:
     )
     for layer, layer_stats in zip(layers, new):
         _set_stats(layer, layer_stats)
+
+from jaxnorm._nnx.recurrent import BatchNormLSTMCell as BatchNormLSTMCell  # noqa: E402
+from jaxnorm._nnx.recurrent import LayerNormGRUCell as LayerNormGRUCell  # noqa: E402
+from jaxnorm._nnx.recurrent import LayerNormLSTMCell as LayerNormLSTMCell  # noqa: E402
+from jaxnorm._nnx.recurrent import StepCarry as StepCarry  # noqa: E402
+
+__all__ += ["BatchNormLSTMCell", "LayerNormGRUCell", "LayerNormLSTMCell", "StepCarry"]
