@@ -386,7 +386,9 @@ class BatchNormLSTMCell(nn.RNNCellBase):
         return core.next_step(carry, new_c, new_h), new_h
 
     @nn.nowrap
-    def initialize_carry(self, rng: Array, input_shape: tuple[int, ...], *, seq_lengths: Array | None = None) -> StepCarry:
+    def initialize_carry(
+        self, rng: Array, input_shape: tuple[int, ...], *, seq_lengths: Array | None = None
+    ) -> StepCarry:
         """A :class:`StepCarry` at step 0 for inputs of shape (*batch, D).
 
         Args:

@@ -41,6 +41,11 @@ Initializer = Any
 __all__ = ["BatchNormLSTMCell", "LayerNormGRUCell", "LayerNormLSTMCell", "StepCarry"]
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
+# flax's defaults, made once (an initializer call in a signature would be one per definition anyway)
+_ZEROS = initializers.zeros_init()
+_ONES = initializers.ones_init()
+_ORTHOGONAL = initializers.orthogonal()
+_TENTH = initializers.constant(0.1)  # Cooijmans et al.'s gain initialization
 
 
 class _LayerNorm(nnx.Module):
@@ -160,12 +165,12 @@ class LayerNormLSTMCell(nnx.RNNCellBase):
         activation_fn: Callable[..., Any] = nnx.tanh,
         kernel_init: Initializer = default_kernel_init,
         recurrent_kernel_init: Initializer = modified_orthogonal,
-        bias_init: Initializer = initializers.zeros_init(),
+        bias_init: Initializer = _ZEROS,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
         carry_init: Initializer | None = None,
         epsilon: float = 1e-6,
-        scale_init: Initializer = initializers.ones_init(),
+        scale_init: Initializer = _ONES,
         rngs: nnx.Rngs,
         kernel_metadata: Mapping[str, Any] = _EMPTY,
         recurrent_kernel_metadata: Mapping[str, Any] = _EMPTY,
@@ -250,13 +255,13 @@ class LayerNormGRUCell(nnx.RNNCellBase):
         gate_fn: Callable[..., Any] = nnx.sigmoid,
         activation_fn: Callable[..., Any] = nnx.tanh,
         kernel_init: Initializer = default_kernel_init,
-        recurrent_kernel_init: Initializer = initializers.orthogonal(),
-        bias_init: Initializer = initializers.zeros_init(),
+        recurrent_kernel_init: Initializer = _ORTHOGONAL,
+        bias_init: Initializer = _ZEROS,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
         carry_init: Initializer | None = None,
         epsilon: float = 1e-6,
-        scale_init: Initializer = initializers.ones_init(),
+        scale_init: Initializer = _ONES,
         rngs: nnx.Rngs,
         kernel_metadata: Mapping[str, Any] = _EMPTY,
         recurrent_kernel_metadata: Mapping[str, Any] = _EMPTY,
@@ -357,11 +362,11 @@ class BatchNormLSTMCell(nnx.RNNCellBase):
         activation_fn: Callable[..., Any] = nnx.tanh,
         kernel_init: Initializer = default_kernel_init,
         recurrent_kernel_init: Initializer = modified_orthogonal,
-        bias_init: Initializer = initializers.zeros_init(),
+        bias_init: Initializer = _ZEROS,
         dtype: Dtype | None = None,
         param_dtype: Dtype = jnp.float32,
         carry_init: Initializer | None = None,
-        scale_init: Initializer = initializers.constant(0.1),
+        scale_init: Initializer = _TENTH,
         rngs: nnx.Rngs,
         kernel_metadata: Mapping[str, Any] = _EMPTY,
         recurrent_kernel_metadata: Mapping[str, Any] = _EMPTY,
