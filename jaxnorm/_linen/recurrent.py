@@ -291,10 +291,10 @@ class BatchNormLSTMCell(nn.RNNCellBase):
     so each leaf of ``batch_stats`` has a leading axis of T steps. To evaluate
     sequences longer than those trained on, fit the statistics to the new
     length with :func:`extend_step_stats` (the last step's are repeated, as the
-    paper does). ``variable_broadcast=["params", "batch_stats"]`` (with
-    ``variable_axes={}``) instead evaluates with one set of statistics for every
-    step, and ``variable_carry="batch_stats"`` trains such shared statistics:
-    the naive use that the paper argues against.
+    paper does). One set of statistics shared by every step, the naive use
+    that the paper argues against, is ``variable_broadcast=["params",
+    "batch_stats"]`` (to ``init`` and to evaluate) with
+    ``variable_carry="batch_stats"`` (to train: every step updates them).
 
     Padding: flax's RNN runs the cell on padded steps too (``seq_lengths`` only
     selects outputs). To keep padding out of the per-step statistics, start
