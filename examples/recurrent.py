@@ -246,7 +246,7 @@ def plot(result, variants=VARIANTS):
 
 def main(argv=None):
     parser = _common.make_parser(__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=None, help="training steps (3000; 200 with --quick)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (2000; 200 with --quick)")
     parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (100; 50 with --quick)")
     parser.add_argument("--hidden", type=int, default=None, help="hidden units (64; 32 with --quick)")
     parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
@@ -254,7 +254,7 @@ def main(argv=None):
     parser.add_argument("--table", default=None,
                         help="also write the Markdown table here (default: docs/recurrent_results.md for full runs)")
     args = parser.parse_args(argv)
-    steps = args.steps or (200 if args.quick else 3000)
+    steps = args.steps or (200 if args.quick else 2000)
     eval_every = args.eval_every or (50 if args.quick else 100)
     hidden = args.hidden or (32 if args.quick else 64)
     result = run(steps=steps, eval_every=eval_every, hidden=hidden, momentum=args.momentum, lr=args.lr,
