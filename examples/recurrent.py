@@ -172,7 +172,7 @@ def train_variant(variant, data, *, steps, eval_every, batch, hidden, momentum, 
     return out
 
 
-def run(*, steps, eval_every, batch=64, hidden=64, momentum=0.9, lr=2e-3, seed=0, progress=True, variants=VARIANTS):
+def run(*, steps, eval_every, batch=64, hidden=64, momentum=0.99, lr=2e-3, seed=0, progress=True, variants=VARIANTS):
     data = _common.load_mnist1d()
     result = {"steps": list(range(eval_every, steps + 1, eval_every))}
     start = time.perf_counter()
@@ -189,12 +189,13 @@ def run(*, steps, eval_every, batch=64, hidden=64, momentum=0.9, lr=2e-3, seed=0
 
 
 def summarize(result, variants):
-    """Steps to the plain LSTM's best accuracy, and the shared statistics' evaluation gap."""
+    """Steps to 90% of the plain LSTM's best accuracy, and each BN variant's evaluation gap."""
     summary = {}
     if "lstm" in variants:
-        target = result["lstm"]["best_test_accuracy"]
-        summary["lstm_best"] = target
-        summary["steps_to_lstm_best"] = {
+        target = 0.9 * result["lstm"]["best_test_accuracy"]
+        summary["lstm_best"] = result["lstm"]["best_test_accuracy"]
+        summary["target"] = target
+        summary["steps_to_target"] = {
             v: _common.first_step_reaching(result["steps"], result[v]["test_accuracy"], target) for v in variants}
     for v in variants:
         if v in BATCH_NORM:
@@ -211,13 +212,14 @@ def table(result, variants=VARIANTS):
         f"{c['hidden']} hidden units, batch {c['batch']}, {result['steps'][-1]} Adam steps (lr {c['lr']}), "
         f"BN momentum {c['momentum']}, seed {c['seed']}; written by `python examples/recurrent.py`.",
         "",
-        "| cell | test accuracy (final) | best | with batch statistics (final) | steps to the LSTM's best |",
+        f"| cell | test accuracy (final) | best | with batch statistics (final) | steps to {s['target']:.3f} "
+        f"(90% of the LSTM's best) |",
         "|---|---|---|---|---|",
     ]
     for v in variants:
         r = result[v]
         batch_stats = f"{r['final_test_accuracy_batch_stats']:.3f}" if v in BATCH_NORM else "-"
-        reach = s.get("steps_to_lstm_best", {}).get(v)
+        reach = s["steps_to_target"].get(v)
         lines.append(f"| {LABELS[v]} (`{v}`) | {r['final_test_accuracy']:.3f} | {r['best_test_accuracy']:.3f} | "
                      f"{batch_stats} | {'-' if reach is None else reach} |")
     lines += ["", "Test accuracy is measured with the running statistics (evaluation mode); \"with batch statistics\" "
@@ -250,14 +252,16 @@ def main(argv=None):
     parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (100; 50 with --quick)")
     parser.add_argument("--hidden", type=int, default=None, help="hidden units (64; 32 with --quick)")
     parser.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
-    parser.add_argument("--momentum", type=float, default=0.9, help="BN running-average momentum")
+    parser.add_argument("--momentum", type=float, default=None,
+                        help="BN running-average momentum (0.99; 0.9 with --quick, too few steps for 0.99)")
     parser.add_argument("--table", default=None,
                         help="also write the Markdown table here (default: docs/recurrent_results.md for full runs)")
     args = parser.parse_args(argv)
     steps = args.steps or (200 if args.quick else 2000)
     eval_every = args.eval_every or (50 if args.quick else 100)
     hidden = args.hidden or (32 if args.quick else 64)
-    result = run(steps=steps, eval_every=eval_every, hidden=hidden, momentum=args.momentum, lr=args.lr,
+    momentum = args.momentum if args.momentum is not None else (0.9 if args.quick else 0.99)
+    result = run(steps=steps, eval_every=eval_every, hidden=hidden, momentum=momentum, lr=args.lr,
                  seed=args.seed, progress=not args.no_progress)
     json_path = _common.write_json(args.out, NAME, result)
     png_path = _common.save_figure(plot(result), args.out, NAME)
@@ -272,8 +276,8 @@ def main(argv=None):
         [[LABELS[v], result[v]["final_test_accuracy"], result[v]["best_test_accuracy"],
           result[v].get("final_test_accuracy_batch_stats"), result[v]["train_loss"][-1], result[v]["seconds"]]
          for v in VARIANTS]))
-    print(f"\nSteps to the plain LSTM's best accuracy ({result['summary']['lstm_best']:.3f}): "
-          + ", ".join(f"{v} {n}" for v, n in result["summary"]["steps_to_lstm_best"].items()))
+    print(f"\nSteps to {result['summary']['target']:.3f} test accuracy (90% of the plain LSTM's best): "
+          + ", ".join(f"{v} {n}" for v, n in result["summary"]["steps_to_target"].items()))
     print(f"Wrote {json_path}, {png_path}{' and ' + str(table_path) if table_path else ''} "
           f"in {result['seconds']:.1f} s.")
     return result

@@ -36,4 +36,4 @@ def test_quick_run(tmp_path):
     np.testing.assert_allclose(data["bn_lstm"]["train_loss"], data["bn_lstm_shared"]["train_loss"], rtol=1e-5)
     np.testing.assert_allclose(data["bn_lstm"]["test_accuracy_batch_stats"],
                                data["bn_lstm_shared"]["test_accuracy_batch_stats"], atol=2e-3)
-    assert set(result["summary"]["steps_to_lstm_best"]) == set(VARIANTS)
+    assert set(result["summary"]["steps_to_target"]) == set(VARIANTS)
