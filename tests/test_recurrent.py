@@ -27,7 +27,7 @@ def f64(a):
 
 
 def sigmoid(v):
-    return 1.0 / (1.0 + np.exp(-v))
+    return 0.5 * (1.0 + np.tanh(0.5 * v))  # 1 / (1 + exp(-v)), without overflow
 
 
 def ln(v, gain, bias, eps):
@@ -259,9 +259,6 @@ def test_linen_batch_norm_cell_matches_reference():
     y_eval = bn_eval({"params": variables["params"], "batch_stats": upd["batch_stats"]}, XS)
     ref_eval, _ = ref_bn_lstm(linen_params(variables["params"]), XS, linen_stats(upd["batch_stats"]), training=False)
     np.testing.assert_allclose(y_eval, ref_eval, atol=2e-5, rtol=1e-4)
-    # jit is the same as running eagerly
-    y_eager, upd_eager = BN_TRAIN.apply(variables, XS, mutable=["batch_stats"])
-    chex.assert_trees_all_close((y_eager, upd_eager), (y, upd), atol=1e-6)
 
 
 def test_nnx_batch_norm_cell_matches_reference():
@@ -421,15 +418,14 @@ def test_grad(kind):
 
 
 def test_linen_bidirectional():
-    forward, backward = LN_RNN["lstm"], per_step(jnl.BatchNormLSTMCell(H, use_running_average=False))
-    bi = nn.Bidirectional(forward, backward)
+    bi = nn.Bidirectional(LN_RNN["lstm"], BN_TRAIN)
     variables = jax.jit(bi.init)(jax.random.key(1), XS)
     assert variables["batch_stats"]["backward_rnn"]["cell"]["input_norm"]["mean"].shape == (T, 4 * H)
     y, _ = jax.jit(functools.partial(bi.apply, mutable=["batch_stats"]))(variables, XS)
     chex.assert_shape(y, (N, T, 2 * H))
     # the halves are the two RNNs, the backward one on the reversed sequence, put back in order
     sub = {k: v["backward_rnn"] for k, v in variables.items()}
-    back, _ = backward.apply(sub, XS[:, ::-1], mutable=["batch_stats"])
+    back, _ = bn_train(sub, XS[:, ::-1])
     np.testing.assert_allclose(y[..., H:], back[:, ::-1], atol=1e-5)
     np.testing.assert_allclose(y[..., :H], ln_apply("lstm")({"params": variables["params"]["forward_rnn"]}, XS),
                                atol=1e-5)
