@@ -35,7 +35,7 @@ from flax.linen import initializers
 from flax.linen.linear import default_kernel_init
 
 import jaxnorm as jn
-from jaxnorm._src import errors
+from jaxnorm._src import checks
 from jaxnorm._src import recurrent as core
 from jaxnorm._src.recurrent import StepCarry
 
@@ -361,7 +361,7 @@ class BatchNormLSTMCell(nn.RNNCellBase):
                 f"{fn}: `use_running_average` is None; it is a field (flax's RNN calls `cell(carry, x)`), so "
                 f"build the cell with it, e.g. `BatchNormLSTMCell({self.features}, use_running_average=not train)`."
             )
-        use_running_average = errors.check_static_bool(fn, "use_running_average", self.use_running_average)
+        use_running_average = checks.check_static_bool(fn, "use_running_average", self.use_running_average)
         if not isinstance(carry, StepCarry):
             raise ValueError(
                 f"{fn}: `carry` must be the cell's StepCarry (c, h, step, length), got {type(carry).__name__}; "

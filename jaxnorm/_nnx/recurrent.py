@@ -30,7 +30,7 @@ from flax.nnx.nn.linear import default_kernel_init
 from flax.nnx.nn.recurrent import modified_orthogonal
 
 import jaxnorm as jn
-from jaxnorm._src import errors
+from jaxnorm._src import checks
 from jaxnorm._src import recurrent as core
 from jaxnorm._src.recurrent import StepCarry
 
@@ -373,7 +373,7 @@ class BatchNormLSTMCell(nnx.RNNCellBase):
         bias_metadata: Mapping[str, Any] = _EMPTY,
     ):
         max_steps = core.check_num_steps("jaxnorm.nnx.BatchNormLSTMCell", max_steps, "max_steps")
-        errors.check_epsilon("jaxnorm.nnx.BatchNormLSTMCell", epsilon)
+        checks.check_epsilon("jaxnorm.nnx.BatchNormLSTMCell", epsilon)
         _kernels(self, in_features, hidden_features, 4, kernel_init, recurrent_kernel_init, param_dtype, rngs,
                  kernel_metadata, recurrent_kernel_metadata)
         self.bias = nnx.Param(bias_init(rngs.params(), (4 * hidden_features,), param_dtype), **bias_metadata)
@@ -395,7 +395,7 @@ class BatchNormLSTMCell(nnx.RNNCellBase):
     def __call__(self, carry: StepCarry, inputs: Array) -> tuple[StepCarry, Array]:
         """One step: ``(carry, x) -> (carry_t, h_t)``; in training also updates this step's statistics."""
         fn = "jaxnorm.nnx.BatchNormLSTMCell"
-        training = not errors.check_static_bool(fn, "use_running_average", self.use_running_average)
+        training = not checks.check_static_bool(fn, "use_running_average", self.use_running_average)
         if not isinstance(carry, StepCarry):
             raise ValueError(
                 f"{fn}: `carry` must be the cell's StepCarry (c, h, step, length), got {type(carry).__name__}; "
