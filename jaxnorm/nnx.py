@@ -50,3 +50,10 @@ from jaxnorm._nnx.input_normalization import InputNormalization as InputNormaliz
 from jaxnorm._nnx.input_normalization import adapt as adapt  # noqa: E402
 
 __all__ += ["InputNormalization", "adapt"]
+
+from jaxnorm._nnx.recurrent import BatchNormLSTMCell as BatchNormLSTMCell  # noqa: E402
+from jaxnorm._nnx.recurrent import LayerNormGRUCell as LayerNormGRUCell  # noqa: E402
+from jaxnorm._nnx.recurrent import LayerNormLSTMCell as LayerNormLSTMCell  # noqa: E402
+from jaxnorm._nnx.recurrent import StepCarry as StepCarry  # noqa: E402
+
+__all__ += ["BatchNormLSTMCell", "LayerNormGRUCell", "LayerNormLSTMCell", "StepCarry"]

@@ -1,0 +1,443 @@
+"""Normalized recurrent cells for ``flax.nnx.RNN``: layer-norm LSTM and GRU, recurrent batch norm.
+
+NNX twins of :mod:`jaxnorm._linen.recurrent`, with flax NNX's constructor
+convention (``in_features, hidden_features, *, rngs``) and the arguments of
+``nnx.LSTMCell`` / ``nnx.GRUCell`` where they apply. The step equations live in
+:mod:`jaxnorm._src.recurrent`; the norms are :func:`jaxnorm.layer_norm` and
+:func:`jaxnorm.batch_norm`.
+
+Variables (H = ``hidden_features``, D = ``in_features``): ``nnx.Param``
+``input_kernel`` (D, kH), ``recurrent_kernel`` (H, kH) (k = 4 for the LSTM, 3
+for the GRU), ``bias`` (4H,) on the LSTMs, and ``input_norm``,
+``recurrent_norm``, ``cell_norm`` submodules holding ``scale``/``bias``. The
+batch-normalized cell's norms hold ``nnx.BatchStat`` ``mean``/``var`` of shape
+(max_steps, ...) and ``count`` (max_steps,): one row per time step, the last
+row serving every step beyond ``max_steps``. ``nnx.RNN`` carries the cell's
+state through its scan, so the statistics of every step are updated in place.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import initializers
+from flax.nnx.nn.linear import default_kernel_init
+from flax.nnx.nn.recurrent import modified_orthogonal
+
+import jaxnorm as jn
+from jaxnorm._src import checks
+from jaxnorm._src import recurrent as core
+from jaxnorm._src.recurrent import StepCarry
+
+Array = jax.Array
+Dtype = Any
+Initializer = Any
+
+__all__ = ["BatchNormLSTMCell", "LayerNormGRUCell", "LayerNormLSTMCell", "StepCarry"]
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+# flax's defaults, made once (an initializer call in a signature would be one per definition anyway)
+_ZEROS = initializers.zeros_init()
+_ONES = initializers.ones_init()
+_ORTHOGONAL = initializers.orthogonal()
+_TENTH = initializers.constant(0.1)  # Cooijmans et al.'s gain initialization
+
+
+class _LayerNorm(nnx.Module):
+    """scale/bias (C,) and one call of :func:`jaxnorm.layer_norm` over the last axis."""
+
+    def __init__(self, num_features: int, *, epsilon: float, scale_init: Initializer, bias_init: Initializer,
+                 dtype: Dtype | None, param_dtype: Dtype, rngs: nnx.Rngs):
+        self.scale = nnx.Param(scale_init(rngs.params(), (num_features,), param_dtype))
+        self.bias = nnx.Param(bias_init(rngs.params(), (num_features,), param_dtype))
+        self.epsilon = epsilon
+        self.dtype = dtype
+
+    def __call__(self, x: Array) -> Array:
+        return jn.layer_norm(x, self.scale[...], self.bias[...], epsilon=self.epsilon, dtype=self.dtype)
+
+
+class _StepBatchNorm(nnx.Module):
+    """scale (and bias), (max_steps, C) running statistics, one call of :func:`jaxnorm.batch_norm` a step."""
+
+    def __init__(self, num_features: int, *, max_steps: int, use_bias: bool, momentum: float, epsilon: float,
+                 scale_init: Initializer, dtype: Dtype | None, param_dtype: Dtype, rngs: nnx.Rngs):
+        self.scale = nnx.Param(scale_init(rngs.params(), (num_features,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype)) if use_bias else nnx.data(None)
+        fresh = jn.init_batch_stats(num_features)
+        self.mean = nnx.BatchStat(jnp.broadcast_to(fresh.mean, (max_steps, num_features)))
+        self.var = nnx.BatchStat(jnp.broadcast_to(fresh.var, (max_steps, num_features)))
+        self.count = nnx.BatchStat(jnp.broadcast_to(fresh.count, (max_steps,)))
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.dtype = dtype
+
+    def __call__(self, x: Array, slot: Array, mask: Array | None, *, training: bool) -> Array:
+        stats = jn.BatchStats(self.mean[...][slot], self.var[...][slot], self.count[...][slot])
+        y, new = jn.batch_norm(
+            x, stats, self.scale[...], None if self.bias is None else self.bias[...], training=training,
+            momentum=self.momentum, epsilon=self.epsilon, mask=mask if training else None, dtype=self.dtype,
+        )
+        if training:
+            self.mean[...] = self.mean[...].at[slot].set(new.mean)
+            self.var[...] = self.var[...].at[slot].set(new.var)
+            self.count[...] = self.count[...].at[slot].set(new.count)
+        return y
+
+
+def _kernels(cell: nnx.Module, in_features: int, hidden_features: int, gates: int, kernel_init: Initializer,
+             recurrent_kernel_init: Initializer, param_dtype: Dtype, rngs: nnx.Rngs,
+             kernel_metadata: Mapping[str, Any], recurrent_kernel_metadata: Mapping[str, Any]) -> None:
+    width = gates * hidden_features
+    cell.input_kernel = nnx.Param(
+        core.per_gate_init(kernel_init, gates)(rngs.params(), (in_features, width), param_dtype), **kernel_metadata)
+    cell.recurrent_kernel = nnx.Param(
+        core.per_gate_init(recurrent_kernel_init, gates)(rngs.params(), (hidden_features, width), param_dtype),
+        **recurrent_kernel_metadata)
+
+
+def _carry_init(cell: nnx.Module, carry_init: Initializer | None) -> Initializer:
+    return carry_init or cell.carry_init or initializers.zeros_init()
+
+
+def _carry_keys(rngs: Any, n: int) -> list[Array]:
+    """Keys for ``carry_init`` (flax's RNN passes its ``carry`` stream); fixed ones without rngs."""
+    if isinstance(rngs, nnx.Rngs):
+        rngs = rngs.carry
+    if rngs is None:
+        return list(jax.random.split(jax.random.key(0), n))
+    return [rngs() for _ in range(n)]
+
+
+def _check_carry(fn: str, h: Array, features: int) -> None:
+    if h.shape[-1] != features:
+        raise ValueError(
+            f"{fn}: the carry's hidden state has {h.shape[-1]} features (shape {h.shape}), but the cell has "
+            f"`hidden_features`={features}; build the carry with `cell.initialize_carry(x.shape)`."
+        )
+
+
+class LayerNormLSTMCell(nnx.RNNCellBase):
+    r"""Layer-normalized LSTM cell (Ba, Kiros & Hinton 2016, eqs. 20-22), NNX twin.
+
+    ``(i, f, g, o) = LN(W_x x_t) + LN(W_h h_{t-1}) + b``, ``c_t = sigma(f) *
+    c_{t-1} + sigma(i) * tanh(g)``, ``h_t = sigma(o) * tanh(LN(c_t))``; see
+    :class:`jaxnorm.linen.LayerNormLSTMCell`. Scaling every input by a positive
+    constant leaves the outputs unchanged.
+
+    Shapes: x (*batch, D) per step with D = ``in_features``; carry ``(c, h)``,
+    each (*batch, H) with H = ``hidden_features``; ``nnx.RNN`` runs it over
+    (*batch, T, D).
+
+    Args:
+      in_features: D.
+      hidden_features: H.
+      gate_fn, activation_fn: sigmoid and tanh by default.
+      kernel_init, recurrent_kernel_init: initializers of each gate's block of
+        the (D, 4H) and (H, 4H) kernels (flax's defaults).
+      bias_init: initializer of the gate bias (4H,).
+      dtype, param_dtype: computation and parameter dtypes.
+      carry_init: initializer of c and h (or pass it to ``initialize_carry``).
+      epsilon: added to the variance in each layer norm.
+      scale_init: initializer of the layer norms' gains.
+      rngs: ``nnx.Rngs`` for the initializers.
+      kernel_metadata, recurrent_kernel_metadata, bias_metadata: ``nnx.Param`` metadata.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxnorm.nnx as jnx
+      >>> from flax import nnx
+      >>> rnn = nnx.RNN(jnx.LayerNormLSTMCell(3, 5, rngs=nnx.Rngs(0)))
+      >>> rnn(jnp.ones((2, 7, 3))).shape
+      (2, 7, 5)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        *,
+        gate_fn: Callable[..., Any] = nnx.sigmoid,
+        activation_fn: Callable[..., Any] = nnx.tanh,
+        kernel_init: Initializer = default_kernel_init,
+        recurrent_kernel_init: Initializer = modified_orthogonal,
+        bias_init: Initializer = _ZEROS,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        carry_init: Initializer | None = None,
+        epsilon: float = 1e-6,
+        scale_init: Initializer = _ONES,
+        rngs: nnx.Rngs,
+        kernel_metadata: Mapping[str, Any] = _EMPTY,
+        recurrent_kernel_metadata: Mapping[str, Any] = _EMPTY,
+        bias_metadata: Mapping[str, Any] = _EMPTY,
+    ):
+        _kernels(self, in_features, hidden_features, 4, kernel_init, recurrent_kernel_init, param_dtype, rngs,
+                 kernel_metadata, recurrent_kernel_metadata)
+        self.bias = nnx.Param(bias_init(rngs.params(), (4 * hidden_features,), param_dtype), **bias_metadata)
+        norm = dict(epsilon=epsilon, scale_init=scale_init, bias_init=initializers.zeros_init(), dtype=dtype,
+                    param_dtype=param_dtype, rngs=rngs)
+        self.input_norm = _LayerNorm(4 * hidden_features, **norm)
+        self.recurrent_norm = _LayerNorm(4 * hidden_features, **norm)
+        self.cell_norm = _LayerNorm(hidden_features, **norm)
+        self.in_features = in_features
+        self.hidden_features = hidden_features
+        self.gate_fn = gate_fn
+        self.activation_fn = activation_fn
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.carry_init = carry_init
+
+    def __call__(self, carry: tuple[Array, Array], inputs: Array) -> tuple[tuple[Array, Array], Array]:
+        """One step: ``((c, h), x) -> ((c_t, h_t), h_t)``."""
+        c, h = carry
+        _check_carry("jaxnorm.nnx.LayerNormLSTMCell", h, self.hidden_features)
+        new_c, new_h = core.lstm_step(
+            c, h, inputs, self.input_kernel[...], self.recurrent_kernel[...], self.bias[...],
+            input_norm=self.input_norm, recurrent_norm=self.recurrent_norm, cell_norm=self.cell_norm,
+            gate_fn=self.gate_fn, activation_fn=self.activation_fn, dtype=self.dtype,
+        )
+        return (new_c, new_h), new_h
+
+    def initialize_carry(self, input_shape: tuple[int, ...], rngs: Any = None,
+                         carry_init: Initializer | None = None) -> tuple[Array, Array]:
+        """``(c, h)``, each (*batch, H), for inputs of shape (*batch, D)."""
+        init = _carry_init(self, carry_init)
+        shape = (*input_shape[:-1], self.hidden_features)
+        key_c, key_h = _carry_keys(rngs, 2)
+        return init(key_c, shape, self.param_dtype), init(key_h, shape, self.param_dtype)
+
+    @property
+    def num_feature_axes(self) -> int:
+        return 1
+
+
+class LayerNormGRUCell(nnx.RNNCellBase):
+    r"""Layer-normalized GRU cell, NNX twin of :class:`jaxnorm.linen.LayerNormGRUCell`.
+
+    ``(r_x, z_x, n_x) = LN(W_x x_t)``, ``(r_h, z_h, n_h) = LN(W_h h_{t-1})``,
+    ``r = sigma(r_x + r_h)``, ``z = sigma(z_x + z_h)``, ``n = tanh(n_x + r *
+    n_h)``, ``h_t = (1 - z) * n + z * h_{t-1}``; the norms' biases take the
+    place of flax's gate biases.
+
+    Shapes: x (*batch, D) per step; carry h (*batch, H).
+
+    Args:
+      in_features: D.
+      hidden_features: H.
+      gate_fn, activation_fn: sigmoid and tanh by default.
+      kernel_init, recurrent_kernel_init: initializers of each gate's block of
+        the (D, 3H) and (H, 3H) kernels (flax's defaults).
+      bias_init: initializer of the layer norms' biases.
+      dtype, param_dtype: computation and parameter dtypes.
+      carry_init: initializer of h.
+      epsilon: added to the variance in each layer norm.
+      scale_init: initializer of the layer norms' gains.
+      rngs: ``nnx.Rngs`` for the initializers.
+      kernel_metadata, recurrent_kernel_metadata: ``nnx.Param`` metadata.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxnorm.nnx as jnx
+      >>> from flax import nnx
+      >>> nnx.RNN(jnx.LayerNormGRUCell(3, 5, rngs=nnx.Rngs(0)))(jnp.ones((2, 7, 3))).shape
+      (2, 7, 5)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        *,
+        gate_fn: Callable[..., Any] = nnx.sigmoid,
+        activation_fn: Callable[..., Any] = nnx.tanh,
+        kernel_init: Initializer = default_kernel_init,
+        recurrent_kernel_init: Initializer = _ORTHOGONAL,
+        bias_init: Initializer = _ZEROS,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        carry_init: Initializer | None = None,
+        epsilon: float = 1e-6,
+        scale_init: Initializer = _ONES,
+        rngs: nnx.Rngs,
+        kernel_metadata: Mapping[str, Any] = _EMPTY,
+        recurrent_kernel_metadata: Mapping[str, Any] = _EMPTY,
+    ):
+        _kernels(self, in_features, hidden_features, 3, kernel_init, recurrent_kernel_init, param_dtype, rngs,
+                 kernel_metadata, recurrent_kernel_metadata)
+        norm = dict(epsilon=epsilon, scale_init=scale_init, bias_init=bias_init, dtype=dtype,
+                    param_dtype=param_dtype, rngs=rngs)
+        self.input_norm = _LayerNorm(3 * hidden_features, **norm)
+        self.recurrent_norm = _LayerNorm(3 * hidden_features, **norm)
+        self.in_features = in_features
+        self.hidden_features = hidden_features
+        self.gate_fn = gate_fn
+        self.activation_fn = activation_fn
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.carry_init = carry_init
+
+    def __call__(self, carry: Array, inputs: Array) -> tuple[Array, Array]:
+        """One step: ``(h, x) -> (h_t, h_t)``."""
+        _check_carry("jaxnorm.nnx.LayerNormGRUCell", carry, self.hidden_features)
+        new_h = core.gru_step(
+            carry, inputs, self.input_kernel[...], self.recurrent_kernel[...],
+            input_norm=self.input_norm, recurrent_norm=self.recurrent_norm,
+            gate_fn=self.gate_fn, activation_fn=self.activation_fn, dtype=self.dtype,
+        )
+        return new_h, new_h
+
+    def initialize_carry(self, input_shape: tuple[int, ...], rngs: Any = None,
+                         carry_init: Initializer | None = None) -> Array:
+        """h (*batch, H) for inputs of shape (*batch, D)."""
+        (key,) = _carry_keys(rngs, 1)
+        return _carry_init(self, carry_init)(key, (*input_shape[:-1], self.hidden_features), self.param_dtype)
+
+    @property
+    def num_feature_axes(self) -> int:
+        return 1
+
+
+class BatchNormLSTMCell(nnx.RNNCellBase):
+    r"""Recurrent batch normalization (Cooijmans et al. 2016), NNX twin of :class:`jaxnorm.linen.BatchNormLSTMCell`.
+
+    ``(i, f, g, o) = BN(W_x x_t) + BN(W_h h_{t-1}) + b``, ``c_t = sigma(f) *
+    c_{t-1} + sigma(i) * tanh(g)``, ``h_t = sigma(o) * tanh(BN(c_t))``, the
+    gains initialized to 0.1, no bias on the two projections. Each of the three
+    norms keeps (max_steps, ...) running statistics, one row per time step;
+    the carry's ``step`` picks the row, and every step at or beyond
+    ``max_steps`` uses (and in training updates) the last row, as the paper
+    evaluates sequences longer than those trained on. ``model.train()`` /
+    ``model.eval()`` (or ``nnx.view(model, use_running_average=...)``) switch
+    between batch statistics and the running ones.
+
+    Padding: ``nnx.RNN`` runs the cell on padded steps too; start from
+    ``cell.initialize_carry(x[:, 0].shape, seq_lengths=lengths)`` (passed as
+    ``initial_carry``) to keep the steps at or after each example's length out
+    of the statistics.
+
+    Shapes: x (*batch, D) per step; carry :class:`StepCarry` ``(c, h, step,
+    length)``: c and h (*batch, H), step (*batch,) int32, length (*batch,) int32 or None.
+
+    Args:
+      in_features: D.
+      hidden_features: H.
+      max_steps: rows of running statistics (the training sequence length).
+      use_running_average: False (default) to train, True to evaluate.
+      momentum: weight on the old running value (flax's direction; PyTorch's 0.1 is 0.9 here).
+      epsilon: added to the variance.
+      gate_fn, activation_fn, kernel_init, recurrent_kernel_init, bias_init,
+        dtype, param_dtype, carry_init: as in :class:`LayerNormLSTMCell`.
+      scale_init: initializer of the three gains (default 0.1, the paper's).
+      rngs: ``nnx.Rngs`` for the initializers.
+      kernel_metadata, recurrent_kernel_metadata, bias_metadata: ``nnx.Param`` metadata.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxnorm.nnx as jnx
+      >>> from flax import nnx
+      >>> cell = jnx.BatchNormLSTMCell(3, 4, max_steps=5, rngs=nnx.Rngs(0))
+      >>> rnn = nnx.RNN(cell)
+      >>> x = jax.random.normal(jax.random.key(1), (8, 5, 3))
+      >>> y = rnn(x)                                  # training: updates every step's statistics
+      >>> cell.input_norm.mean.shape, cell.input_norm.count[...].tolist()
+      ((5, 16), [1, 1, 1, 1, 1])
+      >>> rnn.eval()
+      >>> rnn(jnp.concatenate([x, x], axis=1)).shape   # 10 steps: steps 5-9 use row 4
+      (8, 10, 4)
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        *,
+        max_steps: int,
+        use_running_average: bool = False,
+        momentum: float = 0.99,
+        epsilon: float = 1e-5,
+        gate_fn: Callable[..., Any] = nnx.sigmoid,
+        activation_fn: Callable[..., Any] = nnx.tanh,
+        kernel_init: Initializer = default_kernel_init,
+        recurrent_kernel_init: Initializer = modified_orthogonal,
+        bias_init: Initializer = _ZEROS,
+        dtype: Dtype | None = None,
+        param_dtype: Dtype = jnp.float32,
+        carry_init: Initializer | None = None,
+        scale_init: Initializer = _TENTH,
+        rngs: nnx.Rngs,
+        kernel_metadata: Mapping[str, Any] = _EMPTY,
+        recurrent_kernel_metadata: Mapping[str, Any] = _EMPTY,
+        bias_metadata: Mapping[str, Any] = _EMPTY,
+    ):
+        max_steps = core.check_num_steps("jaxnorm.nnx.BatchNormLSTMCell", max_steps, "max_steps")
+        checks.check_epsilon("jaxnorm.nnx.BatchNormLSTMCell", epsilon)
+        _kernels(self, in_features, hidden_features, 4, kernel_init, recurrent_kernel_init, param_dtype, rngs,
+                 kernel_metadata, recurrent_kernel_metadata)
+        self.bias = nnx.Param(bias_init(rngs.params(), (4 * hidden_features,), param_dtype), **bias_metadata)
+        norm = dict(max_steps=max_steps, momentum=momentum, epsilon=epsilon, scale_init=scale_init, dtype=dtype,
+                    param_dtype=param_dtype, rngs=rngs)
+        self.input_norm = _StepBatchNorm(4 * hidden_features, use_bias=False, **norm)
+        self.recurrent_norm = _StepBatchNorm(4 * hidden_features, use_bias=False, **norm)
+        self.cell_norm = _StepBatchNorm(hidden_features, use_bias=True, **norm)
+        self.in_features = in_features
+        self.hidden_features = hidden_features
+        self.max_steps = max_steps
+        self.use_running_average = use_running_average
+        self.gate_fn = gate_fn
+        self.activation_fn = activation_fn
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.carry_init = carry_init
+
+    def __call__(self, carry: StepCarry, inputs: Array) -> tuple[StepCarry, Array]:
+        """One step: ``(carry, x) -> (carry_t, h_t)``; in training also updates this step's statistics."""
+        fn = "jaxnorm.nnx.BatchNormLSTMCell"
+        training = not checks.check_static_bool(fn, "use_running_average", self.use_running_average)
+        if not isinstance(carry, StepCarry):
+            raise ValueError(
+                f"{fn}: `carry` must be the cell's StepCarry (c, h, step, length), got {type(carry).__name__}; "
+                f"build it with `cell.initialize_carry(x.shape)` (nnx.RNN does so by default)."
+            )
+        _check_carry(fn, carry.h, self.hidden_features)
+        slot = core.step_slot(carry.step, self.max_steps)
+        mask = core.valid_steps(carry)
+
+        def norm(module: _StepBatchNorm) -> Callable[[Array], Array]:
+            return lambda v: module(v, slot, mask, training=training)
+
+        new_c, new_h = core.lstm_step(
+            carry.c, carry.h, inputs, self.input_kernel[...], self.recurrent_kernel[...], self.bias[...],
+            input_norm=norm(self.input_norm), recurrent_norm=norm(self.recurrent_norm),
+            cell_norm=norm(self.cell_norm), gate_fn=self.gate_fn, activation_fn=self.activation_fn, dtype=self.dtype,
+        )
+        return core.next_step(carry, new_c, new_h), new_h
+
+    def initialize_carry(self, input_shape: tuple[int, ...], rngs: Any = None, carry_init: Initializer | None = None,
+                         *, seq_lengths: Array | None = None) -> StepCarry:
+        """A :class:`StepCarry` at step 0 for inputs of shape (*batch, D).
+
+        Args:
+          input_shape: one step's input shape (*batch, D).
+          rngs: keys for ``carry_init`` (``nnx.RNN`` passes its own).
+          carry_init: initializer of c and h (default zeros).
+          seq_lengths: optional (*batch,) int lengths; steps at or after them
+            stay out of the statistics. Pass the same lengths to the RNN.
+        """
+        batch = tuple(input_shape[:-1])
+        lengths = core.check_lengths("jaxnorm.nnx.BatchNormLSTMCell.initialize_carry", seq_lengths, batch)
+        init = _carry_init(self, carry_init)
+        shape = (*batch, self.hidden_features)
+        key_c, key_h = _carry_keys(rngs, 2)
+        return core.init_step_carry(init(key_c, shape, self.param_dtype), init(key_h, shape, self.param_dtype), lengths)
+
+    @property
+    def num_feature_axes(self) -> int:
+        return 1
+
+    def set_view(self, use_running_average: bool | None = None) -> None:
+        """Used by ``nnx.view``: sets ``use_running_average`` when given."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
