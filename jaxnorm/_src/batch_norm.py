@@ -54,7 +54,7 @@ from jaxnorm._src.checks import (
 from jaxnorm._src.moments import Moments
 from jaxnorm._src.normalize import normalize
 from jaxnorm._src.standardize import standardize
-from jaxnorm._src.state import AVERAGES, BatchStats, unbias, update_stats
+from jaxnorm._src.state import AVERAGES, BatchStats, check_momentum, check_stats, unbias, update_stats
 
 Array = jax.Array
 
@@ -276,6 +276,16 @@ def evaluate(
     )
 
 
+def check_out_dtype(fn: str, dtype: Any) -> Any:
+    """``dtype`` (None or a floating dtype); raises for an integer or other output dtype."""
+    if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+        raise ValueError(
+            f"{fn}: `dtype`={jnp.dtype(dtype)} must be a floating dtype (normalized values are not integers); "
+            "pass e.g. `dtype=jnp.float32` or None for x's dtype."
+        )
+    return dtype
+
+
 def check_options(fn: str, training: Any, average: str | None = None) -> bool:
     training = check_static_bool(fn, "training", training)
     if average is not None:
@@ -386,6 +396,10 @@ def batch_norm(
     training = check_options(fn, training, average)
     check_epsilon(fn, epsilon)
     check_ghost_batch_size(fn, ghost_batch_size)
+    stats = check_stats(fn, stats)
+    if average == "ema":
+        check_momentum(fn, momentum)
+    check_out_dtype(fn, dtype)
     x, lay, mask = check_inputs(fn, x, stats, scale, bias, axis, mask)
     out_dtype = x.dtype if dtype is None else dtype
     if not training:

@@ -1,0 +1,157 @@
+"""Hostile inputs (issue 14): each a clear ValueError or a right result, no state lost."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxnorm as jn
+import jaxnorm.linen as jnl
+
+
+def _x(shape=(8, 3), seed=0, scale=1.0, dtype=np.float32):
+    return (np.random.default_rng(seed).normal(size=shape) * scale).astype(dtype)
+
+
+def _copy(stats):
+    return jax.tree.map(lambda a: np.array(a, copy=True), stats)
+
+
+def _same(a, b):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+# 1. flax's data-parallel recipe: pmean over the batch_stats tree.
+
+
+def test_float_count_from_pmean_is_restored():
+    stats = jn.init_batch_stats(3)._replace(count=jnp.asarray(4.0, jnp.float32))
+    before = _copy(stats)
+    _, new = jn.batch_norm(_x(), stats, training=True)
+    assert new.count.dtype == jnp.int32 and int(new.count) == 5
+    _same(stats, before)
+    _, new = jax.jit(lambda s: jn.batch_norm(_x(), s, training=True))(stats)
+    assert new.count.dtype == jnp.int32 and int(new.count) == 5
+
+
+def test_float_count_not_integer_is_refused():
+    stats = jn.init_batch_stats(3)._replace(count=jnp.asarray(2.5))
+    with pytest.raises(ValueError, match=r"batch_norm: `stats.count`=.*2.5.*non-negative integer"):
+        jn.batch_norm(_x(), stats, training=True)
+
+
+def test_linen_pmap_pmean_batch_stats_loop():
+    import optax
+
+    n = jax.local_device_count()
+    assert n == 8
+
+    class Model(jnl.BatchNorm.__base__):  # nn.Module
+        @__import__("flax.linen", fromlist=["compact"]).compact
+        def __call__(self, x, train):
+            import flax.linen as nn
+
+            x = nn.Dense(4)(x)
+            x = jnl.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+            return nn.Dense(1)(x)
+
+    model = Model()
+    x = _x((n, 4, 3), seed=1)
+    y = _x((n, 4, 1), seed=2)
+    variables = model.init(jax.random.key(0), x[0], train=False)
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    tx = optax.sgd(0.1)
+    opt = tx.init(params)
+
+    def step(params, batch_stats, opt, x, y):
+        def loss_fn(p):
+            out, upd = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
+            return jnp.mean((out - y) ** 2), upd["batch_stats"]
+
+        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        grads = jax.lax.pmean(grads, "batch")
+        updates, opt = tx.update(grads, opt, params)
+        params = optax.apply_updates(params, updates)
+        new_stats = jax.lax.pmean(new_stats, "batch")  # flax's ImageNet example
+        return params, new_stats, opt, jax.lax.pmean(loss, "batch")
+
+    pstep = jax.pmap(step, axis_name="batch")
+    rep = lambda t: jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *jnp.shape(a))), t)  # noqa: E731
+    params, batch_stats, opt = rep(params), rep(batch_stats), rep(opt)
+    for _ in range(3):
+        params, batch_stats, opt, loss = pstep(params, batch_stats, opt, x, y)
+    bs = batch_stats["BatchNorm_0"]
+    assert bs["count"].dtype == jnp.float32  # what pmean makes of it
+    np.testing.assert_array_equal(np.asarray(bs["count"]), 3.0)
+    assert np.all(np.isfinite(np.asarray(loss)))
+    # and evaluation with the pmean'd tree works too
+    one = jax.tree.map(lambda a: a[0], {"params": params, "batch_stats": batch_stats})
+    out = model.apply(one, x[0], train=False)
+    assert np.all(np.isfinite(np.asarray(out)))
+
+
+# 2. momentum.
+
+
+@pytest.mark.parametrize("momentum", [1.5, -0.1, float("nan"), True])
+def test_concrete_momentum_refused(momentum):
+    stats = jn.init_batch_stats(3)
+    before = _copy(stats)
+    with pytest.raises(ValueError, match=r"batch_norm: `momentum`=.* must be a number in \[0, 1\]"):
+        jn.batch_norm(_x(), stats, training=True, momentum=momentum)
+    with pytest.raises(ValueError, match=r"batch_renorm: `momentum`=.* must be a number in \[0, 1\]"):
+        jn.batch_renorm(_x(), stats, training=True, momentum=momentum)
+    _same(stats, before)
+
+
+def test_momentum_refused_in_linen_layer():
+    layer = jnl.BatchNorm(use_running_average=False, momentum=1.5)
+    x = _x()
+    with pytest.raises(ValueError, match=r"`momentum`=1.5"):
+        variables = layer.init(jax.random.key(0), x)
+    variables = jnl.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"`momentum`=1.5"):
+        layer.apply(variables, x, mutable=["batch_stats"])
+
+
+def test_momentum_bounds_accepted():
+    stats = jn.init_batch_stats(3)
+    _, s1 = jn.batch_norm(_x(), stats, training=True, momentum=1)
+    _same(s1.mean, stats.mean)
+    _, s0 = jn.batch_norm(_x(), stats, training=True, momentum=np.float32(0.0))
+    np.testing.assert_allclose(np.asarray(s0.mean), _x().astype(np.float64).mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_traced_nan_momentum_leaves_state_untouched():
+    stats = jn.init_batch_stats(3)._replace(count=jnp.asarray(7, jnp.int32))
+    before = _copy(stats)
+    step = jax.jit(lambda s, m: jn.batch_norm(_x(), s, training=True, momentum=m))
+    _, new = step(stats, jnp.float32(np.nan))
+    _same(new, before)
+    _, new = jax.jit(lambda s, m: jn.batch_renorm(_x(), s, training=True, momentum=m))(stats, jnp.float32(np.nan))
+    _same(new, before)
+    _same(stats, before)
+
+
+def test_traced_momentum_r_max_d_max_train_under_jit():
+    x = _x((16, 3), seed=3, scale=2.0) + 1.0
+    stats = jn.BatchStats(jnp.asarray([0.5, -0.5, 1.0]), jnp.asarray([2.0, 0.5, 1.0]), jnp.asarray(3, jnp.int32))
+    step = jax.jit(lambda s, m, r, d: jn.batch_renorm(x, s, training=True, momentum=m, r_max=r, d_max=d))
+    y, new = step(stats, jnp.float32(0.8), jnp.float32(1.5), jnp.float32(0.25))
+    # float64 reference of the paper's formulas
+    xd = x.astype(np.float64)
+    mu_b, var_b = xd.mean(0), xd.var(0)
+    mu, sigma = np.asarray(stats.mean, np.float64), np.sqrt(np.asarray(stats.var, np.float64) + 1e-5)
+    sig_b = np.sqrt(var_b + 1e-5)
+    r = np.clip(sig_b / sigma, 1 / 1.5, 1.5)
+    d = np.clip((mu_b - mu) / sigma, -0.25, 0.25)
+    np.testing.assert_allclose(np.asarray(y), (xd - mu_b) / sig_b * r + d, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(new.mean), 0.8 * mu + 0.2 * mu_b, rtol=1e-5, atol=1e-6)
+    assert int(new.count) == 4
+    _, new_bn = jax.jit(lambda s, m: jn.batch_norm(x, s, training=True, momentum=m))(stats, jnp.float32(0.8))
+    np.testing.assert_allclose(np.asarray(new_bn.mean), 0.8 * mu + 0.2 * mu_b, rtol=1e-5, atol=1e-6)
