@@ -155,3 +155,97 @@ def test_traced_momentum_r_max_d_max_train_under_jit():
     assert int(new.count) == 4
     _, new_bn = jax.jit(lambda s, m: jn.batch_norm(x, s, training=True, momentum=m))(stats, jnp.float32(0.8))
     np.testing.assert_allclose(np.asarray(new_bn.mean), 0.8 * mu + 0.2 * mu_b, rtol=1e-5, atol=1e-6)
+
+
+# 3. statistics as a mapping or a tuple.
+
+
+def test_stats_as_mapping_or_tuple():
+    ref_y, ref = jn.batch_norm(_x(), jn.init_batch_stats(3), training=True)
+    base = jn.init_batch_stats(3)
+    for stats in ({"mean": base.mean, "var": base.var, "count": base.count}, (base.mean, base.var, base.count)):
+        before = _copy(stats)
+        y, new = jn.batch_norm(_x(), stats, training=True)
+        assert isinstance(new, jn.BatchStats)
+        _same(new, ref)
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(ref_y))
+        _same(stats, before)
+        _, new = jn.batch_renorm(_x(), stats, training=True)
+        assert isinstance(new, jn.BatchStats)
+
+
+@pytest.mark.parametrize(
+    "stats",
+    [{"mean": np.zeros(3), "var": np.ones(3)}, (np.zeros(3), np.ones(3)), np.zeros(3), None],
+)
+def test_stats_of_wrong_kind_refused(stats):
+    with pytest.raises(ValueError, match=r"batch_norm: `stats` must be a BatchStats, a mapping with exactly"):
+        jn.batch_norm(_x(), stats, training=True)
+
+
+# 4. nothing non-finite enters a state; integers are integers.
+
+
+def test_float16_state_overflow_not_stored():
+    stats = jn.init_batch_stats(3, dtype=jnp.float16)
+    before = _copy(stats)
+    x = _x((8, 3), scale=1e3)  # variance ~1e6 overflows float16 (max 65504)
+    _, new = jn.batch_norm(x, stats, training=True, momentum=0.0)
+    assert all(np.all(np.isfinite(np.asarray(a))) for a in (new.mean, new.var))
+    _same(new, before)  # refused whole, count not bumped
+    _same(stats, before)
+
+
+def test_int_running_statistics_refused():
+    stats = jn.BatchStats(jnp.zeros(3, jnp.int32), jnp.ones(3, jnp.int32), jnp.asarray(0, jnp.int32))
+    with pytest.raises(ValueError, match=r"batch_norm: `stats.mean` has dtype int32.*must be floating"):
+        jn.batch_norm(_x(), stats, training=True)
+
+
+def test_int_output_dtype_refused():
+    with pytest.raises(ValueError, match=r"batch_norm: `dtype`=int32 must be a floating dtype"):
+        jn.batch_norm(_x(), jn.init_batch_stats(3), training=True, dtype=jnp.int32)
+    with pytest.raises(ValueError, match=r"batch_renorm: `dtype`=int8 must be a floating dtype"):
+        jn.batch_renorm(_x(), jn.init_batch_stats(3), training=False, dtype=np.int8)
+
+
+@pytest.mark.parametrize("average", ["ema", "cumulative"])
+def test_negative_count_refused(average):
+    stats = jn.init_batch_stats(3)._replace(count=jnp.asarray(-1, jnp.int32))
+    with pytest.raises(ValueError, match=r"batch_norm: `stats.count`=.*-1.*non-negative integer"):
+        jn.batch_norm(_x(), stats, training=True, average=average)
+
+
+def test_traced_negative_count_cumulative_writes_no_inf():
+    stats = jn.init_batch_stats(3)._replace(count=jnp.asarray(-1, jnp.int32))
+    _, new = jax.jit(lambda s: jn.batch_norm(_x(), s, training=True, average="cumulative"))(stats)
+    _same(new, stats)
+
+
+def test_init_batch_stats_integers():
+    s = jn.init_batch_stats(np.int64(3))
+    assert s.mean.shape == (3,) and int(s.count) == 0
+    assert jn.init_batch_stats((np.int32(2), 3)).var.shape == (2, 3)
+    for bad in (-1, 2.0, True, (3, -2)):
+        with pytest.raises(ValueError, match=r"init_batch_stats: `feature_shape`=.* must be a non-negative int"):
+            jn.init_batch_stats(bad)
+
+
+def test_float_axis_refused():
+    with pytest.raises(ValueError, match=r"batch_norm: `axis` must be an int or a tuple of ints, got 1.0"):
+        jn.batch_norm(_x((4, 3)), jn.init_batch_stats(3), training=True, axis=1.0)
+
+
+@pytest.mark.parametrize("epsilon", [True, np.bool_(False)])
+def test_bool_epsilon_refused(epsilon):
+    with pytest.raises(ValueError, match=r"batch_norm: `epsilon` must be a finite number >= 0"):
+        jn.batch_norm(_x(), jn.init_batch_stats(3), training=True, epsilon=epsilon)
+
+
+def test_numpy_int_num_groups():
+    x = _x((2, 5, 6), seed=4)
+    y = jn.group_norm(x, num_groups=np.int64(2))
+    xg = x.astype(np.float64).reshape(2, 5, 2, 3)
+    ref = ((xg - xg.mean((1, 3), keepdims=True)) / np.sqrt(xg.var((1, 3), keepdims=True) + 1e-6)).reshape(x.shape)
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-4, atol=1e-4)
+    assert math.isclose(float(jnp.asarray(y).mean()), 0.0, abs_tol=1e-5)

@@ -336,7 +336,13 @@ def batch_norm(
     Args:
       x: (N, ..., C) or any layout, floating (bfloat16/float16 allowed: statistics
         in float32, output in x's dtype).
-      stats: :class:`BatchStats` of the feature shape.
+      stats: :class:`BatchStats` of the feature shape; also accepted, and
+        returned as :class:`BatchStats`: a mapping with exactly the keys
+        ``mean``, ``var``, ``count`` (linen's ``batch_stats`` entry) or a plain
+        tuple ``(mean, var, count)``. mean and var must be floating; a floating
+        count holding a non-negative integer (what ``lax.pmean`` over the
+        statistics makes of it) is restored to int32. Anything else is a
+        ValueError.
       scale, bias: optional (feature shape) gamma and beta.
       training: static Python bool.
       axis: kept feature axis or axes.
