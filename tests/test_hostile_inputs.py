@@ -249,3 +249,88 @@ def test_numpy_int_num_groups():
     ref = ((xg - xg.mean((1, 3), keepdims=True)) / np.sqrt(xg.var((1, 3), keepdims=True) + 1e-6)).reshape(x.shape)
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-4, atol=1e-4)
     assert math.isclose(float(jnp.asarray(y).mean()), 0.0, abs_tol=1e-5)
+
+
+# 5. interop with PyTorch state dicts.
+
+
+def _sd(**drop):
+    torch = pytest.importorskip("torch")
+    sd = {
+        "bn.weight": torch.ones(3), "bn.bias": torch.zeros(3), "bn.running_mean": torch.full((3,), 0.5),
+        "bn.running_var": torch.full((3,), 2.0), "bn.num_batches_tracked": torch.tensor(5),
+    }
+    for k in drop:
+        del sd["bn." + k]
+    return sd
+
+
+@pytest.mark.parametrize(("drop", "missing"), [("running_var", "running_var"), ("running_mean", "running_mean"),
+                                               ("weight", "weight"), ("bias", "bias")])
+def test_torch_state_dict_missing_key(drop, missing):
+    import jaxnorm.interop as ji
+
+    sd = _sd(**{drop: None})
+    keys = sorted(sd)
+    with pytest.raises(ValueError, match=rf"batch_norm_from_torch: .* is missing `bn.{missing}`"):
+        ji.batch_norm_from_torch(sd, prefix="bn")
+    assert sorted(sd) == keys
+
+
+def test_torch_state_dict_without_affine_or_stats_still_converts():
+    import jaxnorm.interop as ji
+
+    params, stats = ji.batch_norm_from_torch(_sd(weight=None, bias=None), prefix="bn")
+    assert params == {} and int(stats.count) == 5
+    params, stats = ji.batch_norm_from_torch(_sd(running_mean=None, running_var=None, num_batches_tracked=None),
+                                             prefix="bn")
+    assert stats is None and sorted(params) == ["bias", "scale"]
+    with pytest.raises(ValueError, match=r"has `bn.num_batches_tracked` but no running_mean/running_var"):
+        ji.batch_norm_from_torch(_sd(running_mean=None, running_var=None), prefix="bn")
+
+
+def test_torch_bfloat16_converts():
+    torch = pytest.importorskip("torch")
+    import jaxnorm.interop as ji
+
+    sd = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in _sd().items()}
+    params, stats = ji.batch_norm_from_torch(sd, prefix="bn")
+    np.testing.assert_array_equal(np.asarray(stats.var), 2.0)
+    np.testing.assert_array_equal(np.asarray(params["scale"], np.float32), 1.0)
+    assert int(stats.count) == 5
+
+
+def test_torch_negative_num_batches_tracked_refused():
+    torch = pytest.importorskip("torch")
+    import jaxnorm.interop as ji
+
+    sd = _sd()
+    sd["bn.num_batches_tracked"] = torch.tensor(-3)
+    with pytest.raises(ValueError, match=r"`bn.num_batches_tracked`=.*-3.* must be a non-negative integer"):
+        ji.batch_norm_from_torch(sd, prefix="bn")
+
+
+def test_momentum_from_torch_scalars():
+    torch = pytest.importorskip("torch")
+    import jaxnorm.interop as ji
+
+    assert ji.momentum_from_torch(torch.tensor(0.1)) == pytest.approx(0.9)
+    assert ji.momentum_from_torch(np.float32(0.1)) == pytest.approx(0.9)
+    assert ji.momentum_from_torch(np.array(0.25)) == 0.75
+    assert ji.momentum_to_torch(jnp.asarray(0.99)) == pytest.approx(0.01)
+    with pytest.raises(ValueError, match=r"momentum_from_torch: `momentum`=.* must be a number in \[0, 1\]"):
+        ji.momentum_from_torch(torch.tensor([0.1, 0.2]))
+
+
+def test_batch_norm_to_torch_without_count():
+    torch = pytest.importorskip("torch")
+    import jaxnorm.interop as ji
+
+    sd = ji.batch_norm_to_torch({}, {"mean": np.zeros(3), "var": np.ones(3)}, as_tensor=torch.from_numpy)
+    assert int(sd["num_batches_tracked"]) == 0
+    bn = torch.nn.BatchNorm1d(3, affine=False)
+    bn.load_state_dict(sd)  # a state torch loads as it is
+    sd = ji.batch_norm_to_torch({}, {"mean": np.zeros(3), "var": np.ones(3), "count": np.float32(4.0)})
+    assert sd["num_batches_tracked"] == 4
+    with pytest.raises(ValueError, match=r"batch_norm_to_torch: `stats.count`=.* non-negative integer"):
+        ji.batch_norm_to_torch({}, jn.init_batch_stats(3)._replace(count=jnp.asarray(-2)))
