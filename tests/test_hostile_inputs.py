@@ -334,3 +334,33 @@ def test_batch_norm_to_torch_without_count():
     assert sd["num_batches_tracked"] == 4
     with pytest.raises(ValueError, match=r"batch_norm_to_torch: `stats.count`=.* non-negative integer"):
         ji.batch_norm_to_torch({}, jn.init_batch_stats(3)._replace(count=jnp.asarray(-2)))
+
+
+# 6. documented edge behaviour (docs/guides/hostile_inputs.md).
+
+
+def test_all_false_mask_feature_documented_value():
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    mask = np.zeros((4, 3), bool)
+    mask[:, 0] = True
+    stats = jn.init_batch_stats(3)
+    before = _copy(stats)
+    y, new = jn.batch_norm(x, stats, training=True, mask=mask)
+    xd = x.astype(np.float64)
+    # a feature without any valid value: mean 0, variance 0, so x / sqrt(eps)
+    np.testing.assert_allclose(np.asarray(y[:, 1:]), xd[:, 1:] / np.sqrt(1e-5), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(y[:, 0]), (xd[:, 0] - xd[:, 0].mean()) / np.sqrt(xd[:, 0].var() + 1e-5),
+                               rtol=1e-5)
+    _same(new, before)  # the whole state is kept, count included
+    _same(stats, before)
+
+
+def test_float32_range_overflow_keeps_state():
+    stats = jn.init_batch_stats(3)
+    before = _copy(stats)
+    x = _x((8, 3), scale=1e18)
+    _, new = jn.batch_norm(x, stats, training=True)
+    assert int(new.count) == 1 and np.all(np.isfinite(np.asarray(new.var)))
+    x = _x((8, 3), scale=3e19)  # squares beyond float32's max: the variance overflows
+    _, new = jn.batch_norm(x, stats, training=True)
+    _same(new, before)
