@@ -364,3 +364,16 @@ def test_float32_range_overflow_keeps_state():
     x = _x((8, 3), scale=3e19)  # squares beyond float32's max: the variance overflows
     _, new = jn.batch_norm(x, stats, training=True)
     _same(new, before)
+
+
+def test_nnx_layer_survives_float_count():
+    from flax import nnx
+
+    import jaxnorm.nnx as jnn
+
+    bn = jnn.BatchNorm(3, rngs=nnx.Rngs(0))
+    bn.count = nnx.BatchStat(jnp.asarray(2.0, jnp.float32))  # what a pmean of the state leaves
+    bn(jnp.asarray(_x()))
+    assert int(bn.count[...]) == 3
+    bn(jnp.asarray(_x(seed=1)))
+    assert int(bn.count[...]) == 4
