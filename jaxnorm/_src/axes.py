@@ -23,7 +23,10 @@ def canonical_axes(fn: str, name: str, axes: int | Sequence[int], shape: tuple[i
     and non-integers.
     """
     ndim = len(shape)
-    raw = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
+    try:
+        raw = (axes,) if isinstance(axes, (int, np.integer)) else tuple(axes)
+    except TypeError:
+        raw = (axes,)  # not an int nor a sequence (e.g. 1.0): refused below
     for a in raw:
         if not isinstance(a, (int, np.integer)) or isinstance(a, bool):
             raise ValueError(

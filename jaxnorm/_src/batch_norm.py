@@ -54,7 +54,7 @@ from jaxnorm._src.checks import (
 from jaxnorm._src.moments import Moments
 from jaxnorm._src.normalize import normalize
 from jaxnorm._src.standardize import standardize
-from jaxnorm._src.state import AVERAGES, BatchStats, unbias, update_stats
+from jaxnorm._src.state import AVERAGES, BatchStats, check_momentum, check_stats, unbias, update_stats
 
 Array = jax.Array
 
@@ -276,6 +276,16 @@ def evaluate(
     )
 
 
+def check_out_dtype(fn: str, dtype: Any) -> Any:
+    """``dtype`` (None or a floating dtype); raises for an integer or other output dtype."""
+    if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+        raise ValueError(
+            f"{fn}: `dtype`={jnp.dtype(dtype)} must be a floating dtype (normalized values are not integers); "
+            "pass e.g. `dtype=jnp.float32` or None for x's dtype."
+        )
+    return dtype
+
+
 def check_options(fn: str, training: Any, average: str | None = None) -> bool:
     training = check_static_bool(fn, "training", training)
     if average is not None:
@@ -326,7 +336,13 @@ def batch_norm(
     Args:
       x: (N, ..., C) or any layout, floating (bfloat16/float16 allowed: statistics
         in float32, output in x's dtype).
-      stats: :class:`BatchStats` of the feature shape.
+      stats: :class:`BatchStats` of the feature shape; also accepted, and
+        returned as :class:`BatchStats`: a mapping with exactly the keys
+        ``mean``, ``var``, ``count`` (linen's ``batch_stats`` entry) or a plain
+        tuple ``(mean, var, count)``. mean and var must be floating; a floating
+        count holding a non-negative integer (what ``lax.pmean`` over the
+        statistics makes of it) is restored to int32. Anything else is a
+        ValueError.
       scale, bias: optional (feature shape) gamma and beta.
       training: static Python bool.
       axis: kept feature axis or axes.
@@ -386,6 +402,10 @@ def batch_norm(
     training = check_options(fn, training, average)
     check_epsilon(fn, epsilon)
     check_ghost_batch_size(fn, ghost_batch_size)
+    stats = check_stats(fn, stats)
+    if average == "ema":
+        check_momentum(fn, momentum)
+    check_out_dtype(fn, dtype)
     x, lay, mask = check_inputs(fn, x, stats, scale, bias, axis, mask)
     out_dtype = x.dtype if dtype is None else dtype
     if not training:

@@ -35,6 +35,7 @@ from jaxnorm._src.batch_norm import (
     check_ghost_batch_size,
     check_inputs,
     check_options,
+    check_out_dtype,
     evaluate,
     fold_batch,
     view_param,
@@ -42,7 +43,7 @@ from jaxnorm._src.batch_norm import (
 from jaxnorm._src.checks import check_after, check_at_least, check_epsilon
 from jaxnorm._src.moments import accumulation_dtype
 from jaxnorm._src.standardize import affine, inverse_std
-from jaxnorm._src.state import BatchStats, RecalibrationStats
+from jaxnorm._src.state import BatchStats, RecalibrationStats, check_momentum, check_stats
 
 Array = jax.Array
 
@@ -93,7 +94,13 @@ def batch_renorm(
 
     Args:
       x: (N, ..., C) or any layout, floating (statistics in at least float32).
-      stats: :class:`BatchStats` of the feature shape.
+      stats: :class:`BatchStats` of the feature shape; also accepted, and
+        returned as :class:`BatchStats`: a mapping with exactly the keys
+        ``mean``, ``var``, ``count`` (linen's ``batch_stats`` entry) or a plain
+        tuple ``(mean, var, count)``. mean and var must be floating; a floating
+        count holding a non-negative integer (what ``lax.pmean`` over the
+        statistics makes of it) is restored to int32. Anything else is a
+        ValueError.
       scale, bias: optional (feature shape) gamma and beta.
       training: static Python bool.
       r_max: bound on ``r`` (>= 1); a Python number or a traced scalar.
@@ -137,10 +144,14 @@ def batch_renorm(
     check_ghost_batch_size(fn, ghost_batch_size)
     check_at_least(fn, "r_max", r_max, 1, "r is clipped to [1/r_max, r_max]; r_max=1 disables the scale correction")
     check_at_least(fn, "d_max", d_max, 0, "d is clipped to [-d_max, d_max]; d_max=0 disables the shift correction")
+    stats = check_stats(fn, stats)
     if isinstance(stats, RecalibrationStats):
         # PreciseBN rebuilds the running statistics: they must not feed back
         # into the outputs, so this is batch norm (r = 1, d = 0).
         r_max, d_max = 1.0, 0.0
+    if average == "ema":
+        check_momentum(fn, momentum)
+    check_out_dtype(fn, dtype)
     x, lay, mask = check_inputs(fn, x, stats, scale, bias, axis, mask)
     out_dtype = x.dtype if dtype is None else dtype
     if not training:

@@ -122,6 +122,8 @@ def check_epsilon(fn: str, epsilon: Any) -> Any:
         value = np.asarray(epsilon, dtype=np.float64)
     except (TypeError, ValueError):
         value = None
+    if isinstance(epsilon, (bool, np.bool_)) or (value is not None and value.dtype == bool):
+        value = None
     if value is None or value.ndim != 0 or not np.isfinite(value) or value < 0:
         raise ValueError(
             f"{fn}: `epsilon` must be a finite number >= 0, got {epsilon!r}; pass e.g. `epsilon=1e-5`."

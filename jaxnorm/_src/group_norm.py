@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxnorm._src.axes import canonical_axes
 from jaxnorm._src.checks import check_epsilon, check_floating, check_mask, check_param_shape
@@ -32,13 +33,14 @@ def check_groups(fn: str, channels: int, num_groups: Any, group_size: Any, x_sha
             f"or `group_size=16` for the {channels} channels of `x` (shape {shape})."
         )
     name, value = ("num_groups", num_groups) if num_groups is not None else ("group_size", group_size)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1 or channels % value:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1 or channels % value:
         other = "`group_size=`" if name == "num_groups" else "`num_groups=`"
         raise ValueError(
             f"{fn}: `{name}`={value!r} must divide the {channels} channels of `x` (shape "
             f"{shape}); pass a divisor of {channels} or {other}."
         )
-    groups = num_groups if num_groups is not None else channels // group_size
+    value = int(value)  # NumPy integers are integers
+    groups = value if name == "num_groups" else channels // value
     return groups, channels // groups
 
 

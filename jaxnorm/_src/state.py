@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -90,8 +91,86 @@ def init_batch_stats(feature_shape: int | tuple[int, ...], *, dtype: Any = jnp.f
       >>> stats.mean.shape, int(stats.count)
       ((4,), 0)
     """
-    shape = (feature_shape,) if isinstance(feature_shape, int) else tuple(feature_shape)
+    shape = check_feature_shape("init_batch_stats", feature_shape)
     return BatchStats(jnp.zeros(shape, dtype), jnp.ones(shape, dtype), jnp.zeros((), jnp.int32))
+
+
+def check_feature_shape(fn: str, feature_shape: Any) -> tuple[int, ...]:
+    """``feature_shape`` as a tuple of non-negative ints (NumPy integers are ints); raises otherwise."""
+    dims = (feature_shape,) if isinstance(feature_shape, (int, np.integer)) else feature_shape
+    try:
+        dims = tuple(dims)
+    except TypeError:
+        dims = None
+    if dims is None or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in dims):
+        raise ValueError(
+            f"{fn}: `feature_shape`={feature_shape!r} must be a non-negative int or a tuple of them; "
+            "pass the sizes of the kept feature axes, e.g. `(C,)`."
+        )
+    return tuple(int(d) for d in dims)
+
+
+def check_stats(fn: str, stats: Any) -> BatchStats:
+    """``stats`` as :class:`BatchStats` (its subclass kept); raises a ValueError for anything else.
+
+    Accepted: a :class:`BatchStats`, a mapping with exactly ``mean``, ``var``,
+    ``count`` (linen's ``batch_stats`` entry) or a plain 3-tuple ``(mean, var,
+    count)``. ``mean`` and ``var`` must be floating. A floating ``count`` (what
+    ``lax.pmean`` over the statistics tree makes of it) holding a non-negative
+    integer is restored to int32; traced, it is rounded and cast. A concrete
+    negative or non-integer count is refused.
+    """
+    if isinstance(stats, BatchStats):
+        pass
+    elif isinstance(stats, Mapping) and set(stats) == {"mean", "var", "count"}:
+        stats = BatchStats(stats["mean"], stats["var"], stats["count"])
+    elif type(stats) in (tuple, list) and len(stats) == 3:
+        stats = BatchStats(*stats)
+    else:
+        got = sorted(stats) if isinstance(stats, Mapping) else type(stats).__name__
+        raise ValueError(
+            f"{fn}: `stats` must be a BatchStats, a mapping with exactly the keys 'mean', 'var', 'count' "
+            f"or a tuple (mean, var, count); got {got}. Create it with `jn.init_batch_stats(C)`."
+        )
+    for field in ("mean", "var"):
+        dtype = jnp.result_type(getattr(stats, field))
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(
+                f"{fn}: `stats.{field}` has dtype {dtype}, but running statistics must be floating; "
+                f"create them with `jn.init_batch_stats(C, dtype=jnp.float32)`."
+            )
+    count = stats.count
+    cdtype = jnp.result_type(count)
+    concrete = not isinstance(count, jax.core.Tracer)
+    if concrete:
+        value = np.asarray(count)
+        if value.shape != () or not (np.isfinite(value) and value >= 0 and value == np.round(value)):
+            raise ValueError(
+                f"{fn}: `stats.count`={value!r} must be a non-negative integer scalar (batches folded in); "
+                "pass the count of a state made by `jn.init_batch_stats` (a float count from `lax.pmean` "
+                "is accepted when it holds an integer)."
+            )
+    if jnp.issubdtype(cdtype, jnp.floating):
+        stats = stats._replace(count=jnp.round(count).astype(jnp.int32))
+    elif not jnp.issubdtype(cdtype, jnp.integer):
+        raise ValueError(f"{fn}: `stats.count` has dtype {cdtype}; it must be an integer scalar.")
+    return stats
+
+
+def check_momentum(fn: str, momentum: Any) -> Any:
+    """``momentum``; raises when it is concrete and NaN or outside [0, 1] (a traced NaN is guarded in the update)."""
+    if momentum is None or isinstance(momentum, jax.core.Tracer):
+        return momentum
+    try:
+        value = float(momentum)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(momentum, bool) or not (0.0 <= value <= 1.0):
+        raise ValueError(
+            f"{fn}: `momentum`={momentum!r} must be a number in [0, 1] (the weight on the old running value, "
+            "flax's convention); PyTorch's momentum=0.1 is momentum=0.9 here."
+        )
+    return momentum
 
 
 def is_batch_stats(node: Any, *, with_count: bool = True) -> bool:
@@ -178,7 +257,12 @@ def update_stats(
         step = 1.0 / (stats.count.astype(batch_mean.dtype) + 1)
         new_mean = stats.mean + (batch_mean - stats.mean) * step
         new_var = stats.var + (batch_var - stats.var) * step
+    new_mean = new_mean.astype(stats.mean.dtype)
+    new_var = new_var.astype(stats.var.dtype)
+    # After the cast: a float16 state that overflows must not store the inf;
+    # a traced NaN momentum fails here too.
     ok = jnp.all(jnp.isfinite(batch_mean) & jnp.isfinite(batch_var) & (batch_count > 0))
+    ok = ok & jnp.all(jnp.isfinite(new_mean)) & jnp.all(jnp.isfinite(new_var))
     limit = jnp.iinfo(stats.count.dtype).max
     new_count = jnp.where(stats.count < limit, stats.count + 1, stats.count)
     return stats._replace(

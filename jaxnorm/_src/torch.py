@@ -42,6 +42,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -77,6 +78,10 @@ def check_momentum(fn: str, momentum: Any) -> float:
             f"{fn}: `momentum`=None is PyTorch's cumulative average, which has no "
             f"momentum; pass `average='cumulative'` to jn.batch_norm instead."
         )
+    if hasattr(momentum, "detach") or isinstance(momentum, (np.ndarray, jax.Array)):
+        value = to_numpy(momentum)  # a 0-d torch tensor, NumPy or JAX array
+        if value.ndim == 0 and (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
+            momentum = value.item()
     if (
         isinstance(momentum, bool)
         or not isinstance(momentum, (int, float, np.floating, np.integer))
@@ -89,7 +94,10 @@ def check_momentum(fn: str, momentum: Any) -> float:
 def to_numpy(value: Any) -> np.ndarray:
     """A NumPy copy of an array-like; a torch tensor goes through ``.detach().cpu().numpy()``."""
     if hasattr(value, "detach") and hasattr(value, "cpu"):
-        value = value.detach().cpu().numpy()
+        value = value.detach().cpu()
+        if str(value.dtype) == "torch.bfloat16":  # NumPy has no bfloat16: go through float32
+            value = value.float()
+        value = value.numpy()
     return np.array(value)
 
 
@@ -129,6 +137,17 @@ def _affine_to_torch(params: Mapping[str, Any] | None, prefix: str) -> dict[str,
     if params.get("bias") is not None:
         out[p + "bias"] = np.array(params["bias"])
     return out
+
+
+def _check_pair(fn: str, found: Mapping[str, Any], prefix: str, a: str, b: str, note: str) -> None:
+    """Raises when exactly one of the entries ``a`` and ``b`` is in the layer's state dict."""
+    if (a in found) != (b in found):
+        have, missing = (a, b) if a in found else (b, a)
+        p = _prefix(prefix)
+        raise ValueError(
+            f"{fn}: `state_dict` has `{p}{have}` but is missing `{p}{missing}`; PyTorch writes both "
+            f"({note}): pass the layer's full `module.state_dict()`."
+        )
 
 
 def _stats_field(stats: Any, name: str) -> Any:
@@ -171,12 +190,24 @@ def batch_norm_from_torch(
     found = _layer_keys(
         fn, state_dict, prefix, ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
     )
+    _check_pair(fn, found, prefix, "weight", "bias", "an affine=False layer has neither")
     params = _affine_params(found)
-    if "running_mean" not in found or "running_var" not in found:
+    _check_pair(fn, found, prefix, "running_mean", "running_var", "a track_running_stats=False layer has neither")
+    if "running_mean" not in found:
+        if "num_batches_tracked" in found:
+            raise ValueError(
+                f"{fn}: `state_dict` has `{_prefix(prefix)}num_batches_tracked` but no running_mean/running_var "
+                "under that prefix; pass the full state dict of the layer (`module.state_dict()`)."
+            )
         return params, None
     mean = jnp.asarray(to_numpy(found["running_mean"]), jnp.float32)
     var = jnp.asarray(to_numpy(found["running_var"]), jnp.float32)
     tracked = to_numpy(found["num_batches_tracked"]) if "num_batches_tracked" in found else np.array(0)
+    if tracked.shape != () or not np.issubdtype(tracked.dtype, np.integer) or tracked < 0:
+        raise ValueError(
+            f"{fn}: `{_prefix(prefix)}num_batches_tracked`={tracked!r} must be a non-negative integer scalar "
+            "(the batches PyTorch has folded in); pass the layer's own state dict entry."
+        )
     count = jnp.asarray(np.minimum(tracked.astype(np.int64), _INT32_MAX), jnp.int32)
     return params, BatchStats(mean, var, count)
 
@@ -195,7 +226,10 @@ def batch_norm_to_torch(
         ``affine=False``), e.g. ``variables["params"]["BatchNorm_0"]``.
       stats: :class:`jaxnorm.BatchStats` or a ``{"mean", "var", "count"}``
         mapping, e.g. ``variables["batch_stats"]["BatchNorm_0"]``; None for a
-        layer without running statistics (``track_running_stats=False``).
+        layer without running statistics (``track_running_stats=False``). A
+        mapping without ``count`` (flax's own BatchNorm) writes
+        ``num_batches_tracked=0``; a float count holding an integer (after
+        ``lax.pmean``) is accepted.
       prefix: the layer's name, prepended to every key (``"bn1"`` gives ``"bn1.weight"``).
       as_tensor: applied to every array, e.g. ``torch.from_numpy``; default NumPy arrays.
 
@@ -214,7 +248,14 @@ def batch_norm_to_torch(
         p = _prefix(prefix)
         out[p + "running_mean"] = np.array(_stats_field(stats, "mean"), np.float32)
         out[p + "running_var"] = np.array(_stats_field(stats, "var"), np.float32)
-        out[p + "num_batches_tracked"] = np.array(_stats_field(stats, "count"), np.int64)
+        has_count = isinstance(stats, BatchStats) or "count" in stats
+        # flax's own BatchNorm keeps no count: PyTorch gets 0 (it only reads it for momentum=None).
+        count = np.asarray(_stats_field(stats, "count")) if has_count else np.array(0)
+        if count.shape != () or not np.isfinite(count) or count < 0 or count != np.round(count):
+            raise ValueError(
+                f"batch_norm_to_torch: `stats.count`={count!r} must be a non-negative integer scalar."
+            )
+        out[p + "num_batches_tracked"] = np.array(count, np.int64)
     return _as_tensors(out, as_tensor)
 
 

@@ -1,0 +1,379 @@
+"""Hostile inputs (issue 14): each a clear ValueError or a right result, no state lost."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxnorm as jn
+import jaxnorm.linen as jnl
+
+
+def _x(shape=(8, 3), seed=0, scale=1.0, dtype=np.float32):
+    return (np.random.default_rng(seed).normal(size=shape) * scale).astype(dtype)
+
+
+def _copy(stats):
+    return jax.tree.map(lambda a: np.array(a, copy=True), stats)
+
+
+def _same(a, b):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+# 1. flax's data-parallel recipe: pmean over the batch_stats tree.
+
+
+def test_float_count_from_pmean_is_restored():
+    stats = jn.init_batch_stats(3)._replace(count=jnp.asarray(4.0, jnp.float32))
+    before = _copy(stats)
+    _, new = jn.batch_norm(_x(), stats, training=True)
+    assert new.count.dtype == jnp.int32 and int(new.count) == 5
+    _same(stats, before)
+    _, new = jax.jit(lambda s: jn.batch_norm(_x(), s, training=True))(stats)
+    assert new.count.dtype == jnp.int32 and int(new.count) == 5
+
+
+def test_float_count_not_integer_is_refused():
+    stats = jn.init_batch_stats(3)._replace(count=jnp.asarray(2.5))
+    with pytest.raises(ValueError, match=r"batch_norm: `stats.count`=.*2.5.*non-negative integer"):
+        jn.batch_norm(_x(), stats, training=True)
+
+
+def test_linen_pmap_pmean_batch_stats_loop():
+    import optax
+
+    n = jax.local_device_count()
+    assert n == 8
+
+    class Model(jnl.BatchNorm.__base__):  # nn.Module
+        @__import__("flax.linen", fromlist=["compact"]).compact
+        def __call__(self, x, train):
+            import flax.linen as nn
+
+            x = nn.Dense(4)(x)
+            x = jnl.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+            return nn.Dense(1)(x)
+
+    model = Model()
+    x = _x((n, 4, 3), seed=1)
+    y = _x((n, 4, 1), seed=2)
+    variables = model.init(jax.random.key(0), x[0], train=False)
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    tx = optax.sgd(0.1)
+    opt = tx.init(params)
+
+    def step(params, batch_stats, opt, x, y):
+        def loss_fn(p):
+            out, upd = model.apply({"params": p, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
+            return jnp.mean((out - y) ** 2), upd["batch_stats"]
+
+        (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        grads = jax.lax.pmean(grads, "batch")
+        updates, opt = tx.update(grads, opt, params)
+        params = optax.apply_updates(params, updates)
+        new_stats = jax.lax.pmean(new_stats, "batch")  # flax's ImageNet example
+        return params, new_stats, opt, jax.lax.pmean(loss, "batch")
+
+    pstep = jax.pmap(step, axis_name="batch")
+    rep = lambda t: jax.tree.map(lambda a: jnp.broadcast_to(a, (n, *jnp.shape(a))), t)  # noqa: E731
+    params, batch_stats, opt = rep(params), rep(batch_stats), rep(opt)
+    for _ in range(3):
+        params, batch_stats, opt, loss = pstep(params, batch_stats, opt, x, y)
+    bs = batch_stats["BatchNorm_0"]
+    assert bs["count"].dtype == jnp.float32  # what pmean makes of it
+    np.testing.assert_array_equal(np.asarray(bs["count"]), 3.0)
+    assert np.all(np.isfinite(np.asarray(loss)))
+    # and evaluation with the pmean'd tree works too
+    one = jax.tree.map(lambda a: a[0], {"params": params, "batch_stats": batch_stats})
+    out = model.apply(one, x[0], train=False)
+    assert np.all(np.isfinite(np.asarray(out)))
+
+
+# 2. momentum.
+
+
+@pytest.mark.parametrize("momentum", [1.5, -0.1, float("nan"), True])
+def test_concrete_momentum_refused(momentum):
+    stats = jn.init_batch_stats(3)
+    before = _copy(stats)
+    with pytest.raises(ValueError, match=r"batch_norm: `momentum`=.* must be a number in \[0, 1\]"):
+        jn.batch_norm(_x(), stats, training=True, momentum=momentum)
+    with pytest.raises(ValueError, match=r"batch_renorm: `momentum`=.* must be a number in \[0, 1\]"):
+        jn.batch_renorm(_x(), stats, training=True, momentum=momentum)
+    _same(stats, before)
+
+
+def test_momentum_refused_in_linen_layer():
+    layer = jnl.BatchNorm(use_running_average=False, momentum=1.5)
+    x = _x()
+    with pytest.raises(ValueError, match=r"`momentum`=1.5"):
+        variables = layer.init(jax.random.key(0), x)
+    variables = jnl.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match=r"`momentum`=1.5"):
+        layer.apply(variables, x, mutable=["batch_stats"])
+
+
+def test_momentum_bounds_accepted():
+    stats = jn.init_batch_stats(3)
+    _, s1 = jn.batch_norm(_x(), stats, training=True, momentum=1)
+    _same(s1.mean, stats.mean)
+    _, s0 = jn.batch_norm(_x(), stats, training=True, momentum=np.float32(0.0))
+    np.testing.assert_allclose(np.asarray(s0.mean), _x().astype(np.float64).mean(0), rtol=1e-5, atol=1e-6)
+
+
+def test_traced_nan_momentum_leaves_state_untouched():
+    stats = jn.init_batch_stats(3)._replace(count=jnp.asarray(7, jnp.int32))
+    before = _copy(stats)
+    step = jax.jit(lambda s, m: jn.batch_norm(_x(), s, training=True, momentum=m))
+    _, new = step(stats, jnp.float32(np.nan))
+    _same(new, before)
+    _, new = jax.jit(lambda s, m: jn.batch_renorm(_x(), s, training=True, momentum=m))(stats, jnp.float32(np.nan))
+    _same(new, before)
+    _same(stats, before)
+
+
+def test_traced_momentum_r_max_d_max_train_under_jit():
+    x = _x((16, 3), seed=3, scale=2.0) + 1.0
+    stats = jn.BatchStats(jnp.asarray([0.5, -0.5, 1.0]), jnp.asarray([2.0, 0.5, 1.0]), jnp.asarray(3, jnp.int32))
+    step = jax.jit(lambda s, m, r, d: jn.batch_renorm(x, s, training=True, momentum=m, r_max=r, d_max=d))
+    y, new = step(stats, jnp.float32(0.8), jnp.float32(1.5), jnp.float32(0.25))
+    # float64 reference of the paper's formulas
+    xd = x.astype(np.float64)
+    mu_b, var_b = xd.mean(0), xd.var(0)
+    mu, sigma = np.asarray(stats.mean, np.float64), np.sqrt(np.asarray(stats.var, np.float64) + 1e-5)
+    sig_b = np.sqrt(var_b + 1e-5)
+    r = np.clip(sig_b / sigma, 1 / 1.5, 1.5)
+    d = np.clip((mu_b - mu) / sigma, -0.25, 0.25)
+    np.testing.assert_allclose(np.asarray(y), (xd - mu_b) / sig_b * r + d, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(new.mean), 0.8 * mu + 0.2 * mu_b, rtol=1e-5, atol=1e-6)
+    assert int(new.count) == 4
+    _, new_bn = jax.jit(lambda s, m: jn.batch_norm(x, s, training=True, momentum=m))(stats, jnp.float32(0.8))
+    np.testing.assert_allclose(np.asarray(new_bn.mean), 0.8 * mu + 0.2 * mu_b, rtol=1e-5, atol=1e-6)
+
+
+# 3. statistics as a mapping or a tuple.
+
+
+def test_stats_as_mapping_or_tuple():
+    ref_y, ref = jn.batch_norm(_x(), jn.init_batch_stats(3), training=True)
+    base = jn.init_batch_stats(3)
+    for stats in ({"mean": base.mean, "var": base.var, "count": base.count}, (base.mean, base.var, base.count)):
+        before = _copy(stats)
+        y, new = jn.batch_norm(_x(), stats, training=True)
+        assert isinstance(new, jn.BatchStats)
+        _same(new, ref)
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(ref_y))
+        _same(stats, before)
+        _, new = jn.batch_renorm(_x(), stats, training=True)
+        assert isinstance(new, jn.BatchStats)
+
+
+@pytest.mark.parametrize(
+    "stats",
+    [{"mean": np.zeros(3), "var": np.ones(3)}, (np.zeros(3), np.ones(3)), np.zeros(3), None],
+)
+def test_stats_of_wrong_kind_refused(stats):
+    with pytest.raises(ValueError, match=r"batch_norm: `stats` must be a BatchStats, a mapping with exactly"):
+        jn.batch_norm(_x(), stats, training=True)
+
+
+# 4. nothing non-finite enters a state; integers are integers.
+
+
+def test_float16_state_overflow_not_stored():
+    stats = jn.init_batch_stats(3, dtype=jnp.float16)
+    before = _copy(stats)
+    x = _x((8, 3), scale=1e3)  # variance ~1e6 overflows float16 (max 65504)
+    _, new = jn.batch_norm(x, stats, training=True, momentum=0.0)
+    assert all(np.all(np.isfinite(np.asarray(a))) for a in (new.mean, new.var))
+    _same(new, before)  # refused whole, count not bumped
+    _same(stats, before)
+
+
+def test_int_running_statistics_refused():
+    stats = jn.BatchStats(jnp.zeros(3, jnp.int32), jnp.ones(3, jnp.int32), jnp.asarray(0, jnp.int32))
+    with pytest.raises(ValueError, match=r"batch_norm: `stats.mean` has dtype int32.*must be floating"):
+        jn.batch_norm(_x(), stats, training=True)
+
+
+def test_int_output_dtype_refused():
+    with pytest.raises(ValueError, match=r"batch_norm: `dtype`=int32 must be a floating dtype"):
+        jn.batch_norm(_x(), jn.init_batch_stats(3), training=True, dtype=jnp.int32)
+    with pytest.raises(ValueError, match=r"batch_renorm: `dtype`=int8 must be a floating dtype"):
+        jn.batch_renorm(_x(), jn.init_batch_stats(3), training=False, dtype=np.int8)
+
+
+@pytest.mark.parametrize("average", ["ema", "cumulative"])
+def test_negative_count_refused(average):
+    stats = jn.init_batch_stats(3)._replace(count=jnp.asarray(-1, jnp.int32))
+    with pytest.raises(ValueError, match=r"batch_norm: `stats.count`=.*-1.*non-negative integer"):
+        jn.batch_norm(_x(), stats, training=True, average=average)
+
+
+def test_traced_negative_count_cumulative_writes_no_inf():
+    stats = jn.init_batch_stats(3)._replace(count=jnp.asarray(-1, jnp.int32))
+    _, new = jax.jit(lambda s: jn.batch_norm(_x(), s, training=True, average="cumulative"))(stats)
+    _same(new, stats)
+
+
+def test_init_batch_stats_integers():
+    s = jn.init_batch_stats(np.int64(3))
+    assert s.mean.shape == (3,) and int(s.count) == 0
+    assert jn.init_batch_stats((np.int32(2), 3)).var.shape == (2, 3)
+    for bad in (-1, 2.0, True, (3, -2)):
+        with pytest.raises(ValueError, match=r"init_batch_stats: `feature_shape`=.* must be a non-negative int"):
+            jn.init_batch_stats(bad)
+
+
+def test_float_axis_refused():
+    with pytest.raises(ValueError, match=r"batch_norm: `axis` must be an int or a tuple of ints, got 1.0"):
+        jn.batch_norm(_x((4, 3)), jn.init_batch_stats(3), training=True, axis=1.0)
+
+
+@pytest.mark.parametrize("epsilon", [True, np.bool_(False)])
+def test_bool_epsilon_refused(epsilon):
+    with pytest.raises(ValueError, match=r"batch_norm: `epsilon` must be a finite number >= 0"):
+        jn.batch_norm(_x(), jn.init_batch_stats(3), training=True, epsilon=epsilon)
+
+
+def test_numpy_int_num_groups():
+    x = _x((2, 5, 6), seed=4)
+    y = jn.group_norm(x, num_groups=np.int64(2))
+    xg = x.astype(np.float64).reshape(2, 5, 2, 3)
+    ref = ((xg - xg.mean((1, 3), keepdims=True)) / np.sqrt(xg.var((1, 3), keepdims=True) + 1e-6)).reshape(x.shape)
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-4, atol=1e-4)
+    assert math.isclose(float(jnp.asarray(y).mean()), 0.0, abs_tol=1e-5)
+
+
+# 5. interop with PyTorch state dicts.
+
+
+def _sd(**drop):
+    torch = pytest.importorskip("torch")
+    sd = {
+        "bn.weight": torch.ones(3), "bn.bias": torch.zeros(3), "bn.running_mean": torch.full((3,), 0.5),
+        "bn.running_var": torch.full((3,), 2.0), "bn.num_batches_tracked": torch.tensor(5),
+    }
+    for k in drop:
+        del sd["bn." + k]
+    return sd
+
+
+@pytest.mark.parametrize(("drop", "missing"), [("running_var", "running_var"), ("running_mean", "running_mean"),
+                                               ("weight", "weight"), ("bias", "bias")])
+def test_torch_state_dict_missing_key(drop, missing):
+    import jaxnorm.interop as ji
+
+    sd = _sd(**{drop: None})
+    keys = sorted(sd)
+    with pytest.raises(ValueError, match=rf"batch_norm_from_torch: .* is missing `bn.{missing}`"):
+        ji.batch_norm_from_torch(sd, prefix="bn")
+    assert sorted(sd) == keys
+
+
+def test_torch_state_dict_without_affine_or_stats_still_converts():
+    import jaxnorm.interop as ji
+
+    params, stats = ji.batch_norm_from_torch(_sd(weight=None, bias=None), prefix="bn")
+    assert params == {} and int(stats.count) == 5
+    params, stats = ji.batch_norm_from_torch(_sd(running_mean=None, running_var=None, num_batches_tracked=None),
+                                             prefix="bn")
+    assert stats is None and sorted(params) == ["bias", "scale"]
+    with pytest.raises(ValueError, match=r"has `bn.num_batches_tracked` but no running_mean/running_var"):
+        ji.batch_norm_from_torch(_sd(running_mean=None, running_var=None), prefix="bn")
+
+
+def test_torch_bfloat16_converts():
+    torch = pytest.importorskip("torch")
+    import jaxnorm.interop as ji
+
+    sd = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v) for k, v in _sd().items()}
+    params, stats = ji.batch_norm_from_torch(sd, prefix="bn")
+    np.testing.assert_array_equal(np.asarray(stats.var), 2.0)
+    np.testing.assert_array_equal(np.asarray(params["scale"], np.float32), 1.0)
+    assert int(stats.count) == 5
+
+
+def test_torch_negative_num_batches_tracked_refused():
+    torch = pytest.importorskip("torch")
+    import jaxnorm.interop as ji
+
+    sd = _sd()
+    sd["bn.num_batches_tracked"] = torch.tensor(-3)
+    with pytest.raises(ValueError, match=r"`bn.num_batches_tracked`=.*-3.* must be a non-negative integer"):
+        ji.batch_norm_from_torch(sd, prefix="bn")
+
+
+def test_momentum_from_torch_scalars():
+    torch = pytest.importorskip("torch")
+    import jaxnorm.interop as ji
+
+    assert ji.momentum_from_torch(torch.tensor(0.1)) == pytest.approx(0.9)
+    assert ji.momentum_from_torch(np.float32(0.1)) == pytest.approx(0.9)
+    assert ji.momentum_from_torch(np.array(0.25)) == 0.75
+    assert ji.momentum_to_torch(jnp.asarray(0.99)) == pytest.approx(0.01)
+    with pytest.raises(ValueError, match=r"momentum_from_torch: `momentum`=.* must be a number in \[0, 1\]"):
+        ji.momentum_from_torch(torch.tensor([0.1, 0.2]))
+
+
+def test_batch_norm_to_torch_without_count():
+    torch = pytest.importorskip("torch")
+    import jaxnorm.interop as ji
+
+    sd = ji.batch_norm_to_torch({}, {"mean": np.zeros(3), "var": np.ones(3)}, as_tensor=torch.from_numpy)
+    assert int(sd["num_batches_tracked"]) == 0
+    bn = torch.nn.BatchNorm1d(3, affine=False)
+    bn.load_state_dict(sd)  # a state torch loads as it is
+    sd = ji.batch_norm_to_torch({}, {"mean": np.zeros(3), "var": np.ones(3), "count": np.float32(4.0)})
+    assert sd["num_batches_tracked"] == 4
+    with pytest.raises(ValueError, match=r"batch_norm_to_torch: `stats.count`=.* non-negative integer"):
+        ji.batch_norm_to_torch({}, jn.init_batch_stats(3)._replace(count=jnp.asarray(-2)))
+
+
+# 6. documented edge behaviour (docs/guides/hostile_inputs.md).
+
+
+def test_all_false_mask_feature_documented_value():
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    mask = np.zeros((4, 3), bool)
+    mask[:, 0] = True
+    stats = jn.init_batch_stats(3)
+    before = _copy(stats)
+    y, new = jn.batch_norm(x, stats, training=True, mask=mask)
+    xd = x.astype(np.float64)
+    # a feature without any valid value: mean 0, variance 0, so x / sqrt(eps)
+    np.testing.assert_allclose(np.asarray(y[:, 1:]), xd[:, 1:] / np.sqrt(1e-5), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(y[:, 0]), (xd[:, 0] - xd[:, 0].mean()) / np.sqrt(xd[:, 0].var() + 1e-5),
+                               rtol=1e-5)
+    _same(new, before)  # the whole state is kept, count included
+    _same(stats, before)
+
+
+def test_float32_range_overflow_keeps_state():
+    stats = jn.init_batch_stats(3)
+    before = _copy(stats)
+    x = _x((8, 3), scale=1e18)
+    _, new = jn.batch_norm(x, stats, training=True)
+    assert int(new.count) == 1 and np.all(np.isfinite(np.asarray(new.var)))
+    x = _x((8, 3), scale=3e19)  # squares beyond float32's max: the variance overflows
+    _, new = jn.batch_norm(x, stats, training=True)
+    _same(new, before)
+
+
+def test_nnx_layer_survives_float_count():
+    from flax import nnx
+
+    import jaxnorm.nnx as jnn
+
+    bn = jnn.BatchNorm(3, rngs=nnx.Rngs(0))
+    bn.count = nnx.BatchStat(jnp.asarray(2.0, jnp.float32))  # what a pmean of the state leaves
+    bn(jnp.asarray(_x()))
+    assert int(bn.count[...]) == 3
+    bn(jnp.asarray(_x(seed=1)))
+    assert int(bn.count[...]) == 4
