@@ -22,6 +22,9 @@ from jaxnorm._src.layer_norm import rms_norm as rms_norm
 from jaxnorm._src.normalize import normalize as normalize
 from jaxnorm._src.precise_bn import recalibrate as recalibrate
 from jaxnorm._src.stats import moments as moments
+from jaxnorm._src.adaptive_instance_norm import adaptive_instance_norm as adaptive_instance_norm  # noqa: I001
+from jaxnorm._src.response_norms import filter_response_norm as filter_response_norm
+from jaxnorm._src.response_norms import local_response_norm as local_response_norm
 
 __version__ = "0.1.0"
 
@@ -41,4 +44,8 @@ __all__ = [
     "recalibrate",
     "renorm_schedule",
     "rms_norm",
+    # conditional and batch-free activation norms (issue 17)
+    "adaptive_instance_norm",
+    "filter_response_norm",
+    "local_response_norm",
 ]

@@ -806,3 +806,21 @@ def _fold_refusal(fn: str, bn: nn.Module, layer: Any, x: Any, paths: list[Any], 
     if users:
         return f"the output of {name!r} is also the input of {', '.join(users)}"
     return None
+
+
+# Conditional and batch-free activation norms (issue 17).
+from jaxnorm._linen.conditional import ConditionalBatchNorm as ConditionalBatchNorm  # noqa: E402
+from jaxnorm._linen.conditional import ConditionalGroupNorm as ConditionalGroupNorm  # noqa: E402
+from jaxnorm._linen.conditional import ConditionalInstanceNorm as ConditionalInstanceNorm  # noqa: E402
+from jaxnorm._linen.conditional import ConditionalLayerNorm as ConditionalLayerNorm  # noqa: E402
+from jaxnorm._linen.response_norms import FilterResponseNorm as FilterResponseNorm  # noqa: E402
+from jaxnorm._linen.response_norms import LocalResponseNorm as LocalResponseNorm  # noqa: E402
+
+__all__ += [
+    "ConditionalBatchNorm",
+    "ConditionalGroupNorm",
+    "ConditionalInstanceNorm",
+    "ConditionalLayerNorm",
+    "FilterResponseNorm",
+    "LocalResponseNorm",
+]

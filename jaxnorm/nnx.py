@@ -690,3 +690,21 @@ def recalibrate(model: nnx.Module, batches: Any) -> None:
     )
     for layer, layer_stats in zip(layers, new):
         _set_stats(layer, layer_stats)
+
+
+# Conditional and batch-free activation norms (issue 17).
+from jaxnorm._nnx.conditional import ConditionalBatchNorm as ConditionalBatchNorm  # noqa: E402
+from jaxnorm._nnx.conditional import ConditionalGroupNorm as ConditionalGroupNorm  # noqa: E402
+from jaxnorm._nnx.conditional import ConditionalInstanceNorm as ConditionalInstanceNorm  # noqa: E402
+from jaxnorm._nnx.conditional import ConditionalLayerNorm as ConditionalLayerNorm  # noqa: E402
+from jaxnorm._nnx.response_norms import FilterResponseNorm as FilterResponseNorm  # noqa: E402
+from jaxnorm._nnx.response_norms import LocalResponseNorm as LocalResponseNorm  # noqa: E402
+
+__all__ += [
+    "ConditionalBatchNorm",
+    "ConditionalGroupNorm",
+    "ConditionalInstanceNorm",
+    "ConditionalLayerNorm",
+    "FilterResponseNorm",
+    "LocalResponseNorm",
+]
