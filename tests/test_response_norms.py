@@ -6,11 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 import jaxnorm as jn
 import jaxnorm.linen as jnl
 import jaxnorm.nnx as jnx
-from flax import nnx
 
 
 def data(shape, seed=0, loc=0.3):
@@ -224,7 +224,7 @@ def test_frn_transformations():
     [
         ((jnp.ones((2, 3, 3, 4)),), dict(channel_axis=0), r"filter_response_norm: `channel_axis`=0 is the batch axis"),
         ((jnp.ones(4),), {}, r"`x` must have a batch axis and a channel axis, got shape \(4,\)"),
-        ((jnp.ones((2, 3, 3, 4)), jnp.ones(3)), {}, r"`scale` has shape \(3,\).*feature shape \(4,\).*\(2, 1, 1, 4\)"),
+        ((jnp.ones((2, 3, 3, 4)), jnp.ones(3)), {}, r"`scale` has shape \(3,\).*needs \(4,\) \(the feature shape\).*\(2, 1, 1, 4\)"),
         ((jnp.ones((2, 3, 3, 4)), None, None, jnp.ones((2, 3, 1, 5))), {}, r"`tau` has shape \(2, 3, 1, 5\)"),
         ((jnp.ones((2, 3, 3, 4)),), dict(epsilon=-1.0), r"`epsilon` must be a finite number >= 0"),
         ((jnp.ones((2, 3, 3, 4)),), dict(learned_epsilon=jnp.ones(2)), r"`learned_epsilon` has shape \(2,\).*or a scalar"),

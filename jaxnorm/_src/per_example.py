@@ -83,9 +83,9 @@ def place(
         return param
     scalar = " or a scalar" if allow_scalar else ""
     raise ValueError(
-        f"{fn}: `{name}` has shape {shape}, but `x` of shape {x_shape} needs the feature "
-        f"shape {feature_shape}{scalar}, or a shape of x's rank with each size 1 or x's "
-        f"for per-example values, e.g. {example_shape(x_shape, feature_axes)}; reshape it, "
+        f"{fn}: `{name}` has shape {shape}, but `x` of shape {x_shape} needs {feature_shape} "
+        f"(the feature shape){scalar}, or a shape of x's rank with each size 1 or x's for "
+        f"per-example values, e.g. {example_shape(x_shape, feature_axes)}; reshape it, "
         f"e.g. `{name}.reshape({example_shape(x_shape, feature_axes)})` for one {feature_shape} "
         f"vector per example."
     )
