@@ -59,6 +59,9 @@ def running_stats(c, seed=9):
                          jnp.asarray(rng.uniform(0.5, 3.0, c), jnp.float32), jnp.zeros((), jnp.int32))
 
 
+RUN = running_stats(4)
+
+
 def bn(x, s, b, **kw):
     return jn.batch_norm(x, jn.init_batch_stats(x.shape[kw.get("axis", -1)]), s, b, training=True, **kw)[0]
 
@@ -74,8 +77,8 @@ CASES = [
     ("batch_norm_ghost", (6, 3, 4), (6, 1, 4), lambda x, s, b: bn(x, s, b, ghost_batch_size=3),
      lambda x, s, b: standardize_ref(x.reshape(2, 3, 3, 4), (1, 2), 1e-5).reshape(x.shape) * s + b, True),
     ("batch_norm_eval", (5, 3, 4), (5, 1, 4),
-     lambda x, s, b: jn.batch_norm(x, running_stats(4), s, b, training=False)[0],
-     lambda x, s, b: (x - running_stats(4).mean.astype(x.dtype)) / jnp.sqrt(running_stats(4).var.astype(x.dtype) + 1e-5) * s + b,
+     lambda x, s, b: jn.batch_norm(x, RUN, s, b, training=False)[0],
+     lambda x, s, b: (x - RUN.mean.astype(x.dtype)) / jnp.sqrt(RUN.var.astype(x.dtype) + 1e-5) * s + b,
      False),
     ("batch_renorm_nhwc", (6, 3, 4), (6, 1, 4),
      lambda x, s, b: jn.batch_renorm(x, running_stats(4), s, b, training=True, r_max=1.5, d_max=0.5)[0],
@@ -89,7 +92,8 @@ CASES = [
      lambda x, s, b: x / jnp.sqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * s + b, True),
     ("group_norm_nhwc", (4, 3, 3, 8), (4, 1, 1, 8), lambda x, s, b: jn.group_norm(x, s, b, num_groups=2),
      lambda x, s, b: group_ref(x, 2, -1, 1e-6) * s + b, True),
-    ("group_norm_nchw", (4, 8, 3, 3), (4, 8, 1, 1), lambda x, s, b: jn.group_norm(x, s, b, num_groups=4, channel_axis=1),
+    ("group_norm_nchw", (4, 8, 3, 3), (4, 8, 1, 1),
+     lambda x, s, b: jn.group_norm(x, s, b, num_groups=4, channel_axis=1),
      lambda x, s, b: group_ref(x, 4, 1, 1e-6) * s + b, True),
     ("instance_norm_nhwc", (4, 3, 3, 5), (4, 1, 1, 5), lambda x, s, b: jn.instance_norm(x, s, b),
      lambda x, s, b: standardize_ref(x, (1, 2), 1e-6) * s + b, True),
@@ -245,7 +249,8 @@ def test_adain_mask(x64):
     valid = np.broadcast_to(mask, x.shape)
     xz = jnp.where(valid, x, 0)
     np.testing.assert_allclose(np.where(valid, y, 0), np.where(valid, adain_ref(xz, st, -1, 1e-5, mask), 0), rtol=1e-10)
-    g = jax.grad(lambda a: jnp.sum(jnp.where(valid, w * jn.adaptive_instance_norm(a, st, mask=mask), 0)))(jnp.asarray(x))
+    f = lambda a: jnp.sum(jnp.where(valid, w * jn.adaptive_instance_norm(a, st, mask=mask), 0))  # noqa: E731
+    g = jax.grad(f)(jnp.asarray(x))
     e = jax.grad(lambda a: jnp.sum(jnp.where(valid, w * adain_ref(a, st, -1, 1e-5, mask), 0)))(xz)
     assert np.isfinite(np.asarray(g)).all()
     np.testing.assert_allclose(g, e, rtol=1e-9, atol=1e-9)
@@ -272,8 +277,8 @@ def test_adain_bad_input(x_shape, s_shape, kw, match):
 # ---------------------------------------------------------------- conditional layers
 
 LINEN = [
-    ("batch", lambda: jnl.ConditionalBatchNorm(use_running_average=False), lambda: jnl.BatchNorm(use_running_average=False),
-     (6, 3, 3, 4)),
+    ("batch", lambda: jnl.ConditionalBatchNorm(use_running_average=False),
+     lambda: jnl.BatchNorm(use_running_average=False), (6, 3, 3, 4)),
     ("instance", lambda: jnl.ConditionalInstanceNorm(), lambda: jnl.InstanceNorm(), (3, 4, 4, 5)),
     ("group", lambda: jnl.ConditionalGroupNorm(num_groups=2), lambda: jnl.GroupNorm(num_groups=2), (3, 4, 4, 6)),
     ("layer", lambda: jnl.ConditionalLayerNorm(), lambda: jnl.LayerNorm(), (3, 5, 6)),
@@ -348,9 +353,11 @@ def test_linen_conditional_layer_norm_per_token_and_grad():
 @pytest.mark.parametrize(
     "make,x_shape,c_shape,match",
     [
-        (jnl.ConditionalLayerNorm, (2, 5, 6), (3, 4), r"jaxnorm.linen.ConditionalLayerNorm: `condition` of shape \(3, 4\) must be \(2, D\)"),
+        (jnl.ConditionalLayerNorm, (2, 5, 6), (3, 4),
+         r"jaxnorm.linen.ConditionalLayerNorm: `condition` of shape \(3, 4\) must be \(2, D\)"),
         (jnl.ConditionalInstanceNorm, (2, 4, 4, 3), (4,), r"`condition` of shape \(4,\) must be \(2, D\)"),
-        (lambda: jnl.ConditionalBatchNorm(use_running_average=False), (4, 3), (4, 2, 2), r"`condition` of shape \(4, 2, 2\)"),
+        (lambda: jnl.ConditionalBatchNorm(use_running_average=False), (4, 3), (4, 2, 2),
+         r"`condition` of shape \(4, 2, 2\)"),
     ],
 )
 def test_linen_bad_condition(make, x_shape, c_shape, match):
@@ -366,7 +373,8 @@ def test_linen_batch_norm_use_running_average_twice():
 
 NNX = [
     ("batch", lambda r: jnx.ConditionalBatchNorm(4, 7, rngs=r), lambda r: jnx.BatchNorm(4, rngs=r), (6, 3, 3, 4)),
-    ("instance", lambda r: jnx.ConditionalInstanceNorm(5, 7, rngs=r), lambda r: jnx.InstanceNorm(5, rngs=r), (3, 4, 4, 5)),
+    ("instance", lambda r: jnx.ConditionalInstanceNorm(5, 7, rngs=r),
+     lambda r: jnx.InstanceNorm(5, rngs=r), (3, 4, 4, 5)),
     ("group", lambda r: jnx.ConditionalGroupNorm(6, 7, num_groups=2, rngs=r),
      lambda r: jnx.GroupNorm(6, num_groups=2, rngs=r), (3, 4, 4, 6)),
     ("layer", lambda r: jnx.ConditionalLayerNorm(6, 7, rngs=r), lambda r: jnx.LayerNorm(6, rngs=r), (3, 5, 6)),

@@ -39,7 +39,8 @@ def numpy_lrn(x, size, alpha, beta, k, axis):
 
 @pytest.mark.parametrize(
     "shape,size",
-    [((2, 7, 3, 4), n) for n in (1, 2, 3, 4, 5, 8)] + [((2, 7, 5), 2), ((2, 7, 5), 3), ((1, 6, 2, 3, 2), 4), ((1, 6, 2, 3, 2), 5)],
+    [((2, 7, 3, 4), n) for n in (1, 2, 3, 4, 5, 8)]
+    + [((2, 7, 5), 2), ((2, 7, 5), 3), ((1, 6, 2, 3, 2), 4), ((1, 6, 2, 3, 2), 5)],
 )
 def test_lrn_matches_torch_nchw(shape, size):
     x = data(shape)
@@ -90,7 +91,8 @@ def test_lrn_half_precision_keeps_dtype():
     x = jnp.asarray(data((2, 3, 3, 8))).astype(jnp.bfloat16)
     y = jn.local_response_norm(x, size=5, alpha=1.0, k=2.0)
     assert y.dtype == jnp.bfloat16
-    np.testing.assert_allclose(y.astype(np.float32), numpy_lrn(x.astype(np.float32), 5, 1.0, 0.75, 2.0, -1), rtol=2e-2, atol=2e-2)
+    expected = numpy_lrn(x.astype(np.float32), 5, 1.0, 0.75, 2.0, -1)
+    np.testing.assert_allclose(y.astype(np.float32), expected, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize(
@@ -224,10 +226,12 @@ def test_frn_transformations():
     [
         ((jnp.ones((2, 3, 3, 4)),), dict(channel_axis=0), r"filter_response_norm: `channel_axis`=0 is the batch axis"),
         ((jnp.ones(4),), {}, r"`x` must have a batch axis and a channel axis, got shape \(4,\)"),
-        ((jnp.ones((2, 3, 3, 4)), jnp.ones(3)), {}, r"`scale` has shape \(3,\).*needs \(4,\) \(the feature shape\).*\(2, 1, 1, 4\)"),
+        ((jnp.ones((2, 3, 3, 4)), jnp.ones(3)), {},
+         r"`scale` has shape \(3,\).*needs \(4,\) \(the feature shape\).*\(2, 1, 1, 4\)"),
         ((jnp.ones((2, 3, 3, 4)), None, None, jnp.ones((2, 3, 1, 5))), {}, r"`tau` has shape \(2, 3, 1, 5\)"),
         ((jnp.ones((2, 3, 3, 4)),), dict(epsilon=-1.0), r"`epsilon` must be a finite number >= 0"),
-        ((jnp.ones((2, 3, 3, 4)),), dict(learned_epsilon=jnp.ones(2)), r"`learned_epsilon` has shape \(2,\).*or a scalar"),
+        ((jnp.ones((2, 3, 3, 4)),), dict(learned_epsilon=jnp.ones(2)),
+         r"`learned_epsilon` has shape \(2,\).*or a scalar"),
         ((jnp.ones((2, 3, 3, 4)), jnp.ones(4, jnp.int32)), {}, r"`scale` must have a real floating dtype"),
     ],
 )
