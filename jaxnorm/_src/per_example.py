@@ -122,6 +122,11 @@ def projected_shape(
     c_shape = tuple(np.shape(condition))
     x_shape = tuple(x_shape)
     m = len(c_shape) - 1
+    if 0 in feature_axes:
+        raise ValueError(
+            f"{fn}: the feature axes {tuple(feature_axes)} include the batch axis 0 of `x` (shape "
+            f"{x_shape}), which the condition's vectors run along; use e.g. -1 (NHWC) or 1 (NCHW)."
+        )
     if m < 1 or m >= len(x_shape) or c_shape[:m] != x_shape[:m] or any(a < m for a in feature_axes):
         per_position = f" or ({x_shape[0]}, {x_shape[1]}, D) for one vector per position" if len(x_shape) > 2 else ""
         raise ValueError(
