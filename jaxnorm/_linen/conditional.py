@@ -36,7 +36,7 @@ from jaxnorm._src import errors
 from jaxnorm._src.batch_norm import BatchStats, batch_norm, init_batch_stats, layout
 from jaxnorm._src.group_norm import group_norm, instance_norm
 from jaxnorm._src.layer_norm import layer_norm
-from jaxnorm._src.per_example import projected_shape
+from jaxnorm._src.per_example import onto, projected_shape
 
 Array = jax.Array
 Dtype = Any
@@ -55,7 +55,7 @@ def _projections(mdl: nn.Module, fn: str, x: Array, condition: Array, feature_ax
             features, kernel_init=mdl.kernel_init, bias_init=bias_init, dtype=mdl.dtype,
             param_dtype=mdl.param_dtype, name=name,
         )
-        return jnp.reshape(dense(condition), shape)
+        return onto(dense(condition), shape)
 
     scale = project("scale", mdl.scale_init) if mdl.use_scale else None
     bias = project("bias", mdl.bias_init) if mdl.use_bias else None

@@ -22,7 +22,7 @@ from jaxnorm._src import errors
 from jaxnorm._src.batch_norm import BatchStats, batch_norm, init_batch_stats
 from jaxnorm._src.group_norm import check_groups, group_norm, instance_norm
 from jaxnorm._src.layer_norm import layer_norm
-from jaxnorm._src.per_example import projected_shape
+from jaxnorm._src.per_example import onto, projected_shape
 
 Array = jax.Array
 Dtype = Any
@@ -62,8 +62,8 @@ class _Conditional(nnx.Module):
 
     def _projected(self, fn: str, x: Array, condition: Array, feature_axes: Sequence[int]) -> tuple[Any, Any]:
         _, shape = projected_shape(fn, jnp.shape(x), condition, feature_axes)
-        scale = None if self.scale is None else jnp.reshape(self.scale(condition), shape)
-        bias = None if self.bias is None else jnp.reshape(self.bias(condition), shape)
+        scale = None if self.scale is None else onto(self.scale(condition), shape)
+        bias = None if self.bias is None else onto(self.bias(condition), shape)
         return scale, bias
 
     def _out_dtype(self, x: Array, scale: Any, bias: Any) -> Any:

@@ -139,3 +139,8 @@ def projected_shape(
         features *= x_shape[a]
     shape = x_shape[:m] + tuple(x_shape[a] if a in feature_axes else 1 for a in range(m, len(x_shape)))
     return features, shape
+
+
+def onto(projection: Array, shape: tuple[int, ...]) -> Array:
+    """A conditional layer's projection, ``x.shape[:m] + (F,)``, reshaped to :func:`projected_shape`'s ``shape``."""
+    return jnp.reshape(projection, shape)
