@@ -32,11 +32,14 @@ import jax
 import jax.numpy as jnp
 from flax.linen import dtypes, initializers
 
-from jaxnorm._src import errors
-from jaxnorm._src.batch_norm import BatchStats, batch_norm, init_batch_stats, layout
+from jaxnorm._src.axes import canonical_axes, layout
+from jaxnorm._src.batch_norm import batch_norm
+from jaxnorm._src.checks import check_floating, check_static_bool
+from jaxnorm._src.flax_common import batch_norm_options, layer_stats, merge_call_option
 from jaxnorm._src.group_norm import group_norm, instance_norm
 from jaxnorm._src.layer_norm import layer_norm
 from jaxnorm._src.per_example import onto, projected_shape
+from jaxnorm._src.state import init_batch_stats
 
 Array = jax.Array
 Dtype = Any
@@ -132,14 +135,14 @@ class ConditionalBatchNorm(nn.Module):
             that is not (N, D), or bad axes, shapes, mask or options.
         """
         fn = "jaxnorm.linen.ConditionalBatchNorm"
-        use_running_average = errors.merge_call_option(
+        use_running_average = merge_call_option(
             fn, "use_running_average", self.use_running_average, use_running_average,
             example="ConditionalBatchNorm(use_running_average=...)",
             call_example="cbn(x, condition, use_running_average=...)",
         )
-        training = not errors.check_static_bool(fn, "use_running_average", use_running_average)
-        errors.check_floating(fn, x)
-        lay = layout(fn, jnp.asarray(x), self.axis)
+        training = not check_static_bool(fn, "use_running_average", use_running_average)
+        check_floating(fn, x)
+        lay = layout(fn, jnp.shape(x), self.axis)
         fresh = init_batch_stats(lay.feature_shape)
         mean = self.variable("batch_stats", "mean", lambda: fresh.mean)
         var = self.variable("batch_stats", "var", lambda: fresh.var)
@@ -149,12 +152,9 @@ class ConditionalBatchNorm(nn.Module):
         if initializing and lay.values_per_feature < 2:
             training = False  # as jaxnorm.linen.BatchNorm: init may see one example
         y, new = batch_norm(
-            x, BatchStats(mean.value, var.value, count.value), scale, bias,
-            training=training, axis=self.axis, momentum=self.momentum, epsilon=self.epsilon,
-            average=self.average, unbiased=self.unbiased, mask=mask,
-            axis_name=None if initializing else self.axis_name,
-            axis_index_groups=None if initializing else self.axis_index_groups,
-            dtype=_dtype(self.dtype, x, scale, bias),
+            x, layer_stats(mean.value, var.value, count.value), scale, bias,
+            training=training, mask=mask, dtype=_dtype(self.dtype, x, scale, bias),
+            **batch_norm_options(self, initializing=initializing),
         )
         if training and not initializing:
             mean.value, var.value, count.value = new.mean, new.var, new.count
@@ -207,8 +207,8 @@ class ConditionalLayerNorm(nn.Module):
             D), bad axes, shapes or mask.
         """
         fn = "jaxnorm.linen.ConditionalLayerNorm"
-        errors.check_floating(fn, x)
-        feature_axes = errors.canonical_axes(fn, "feature_axes", self.feature_axes, jnp.shape(x))
+        check_floating(fn, x)
+        feature_axes = canonical_axes(fn, "feature_axes", self.feature_axes, jnp.shape(x))
         scale, bias = _projections(self, fn, x, condition, feature_axes)
         return layer_norm(
             x, scale, bias, axis=self.reduction_axes, epsilon=self.epsilon, mask=mask,
@@ -261,8 +261,8 @@ class ConditionalGroupNorm(nn.Module):
           ValueError: a condition that is not (N, D), bad groups, axes, shapes or mask.
         """
         fn = "jaxnorm.linen.ConditionalGroupNorm"
-        errors.check_floating(fn, x)
-        channel = errors.canonical_axes(fn, "channel_axis", self.channel_axis, jnp.shape(x))
+        check_floating(fn, x)
+        channel = canonical_axes(fn, "channel_axis", self.channel_axis, jnp.shape(x))
         scale, bias = _projections(self, fn, x, condition, channel)
         return group_norm(
             x, scale, bias, num_groups=self.num_groups, group_size=self.group_size,
@@ -313,8 +313,8 @@ class ConditionalInstanceNorm(nn.Module):
             the batch axis, bad shapes or mask.
         """
         fn = "jaxnorm.linen.ConditionalInstanceNorm"
-        errors.check_floating(fn, x)
-        feature_axes = errors.canonical_axes(fn, "feature_axes", self.feature_axes, jnp.shape(x))
+        check_floating(fn, x)
+        feature_axes = canonical_axes(fn, "feature_axes", self.feature_axes, jnp.shape(x))
         scale, bias = _projections(self, fn, x, condition, feature_axes)
         return instance_norm(
             x, scale, bias, channel_axis=self.feature_axes, epsilon=self.epsilon, mask=mask,

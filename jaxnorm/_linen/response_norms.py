@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax.linen import dtypes, initializers
 
-from jaxnorm._src import errors
+from jaxnorm._src.axes import canonical_axes
+from jaxnorm._src.checks import check_floating
 from jaxnorm._src.response_norms import filter_response_norm, local_response_norm
 
 Array = jax.Array
@@ -124,8 +125,8 @@ class FilterResponseNorm(nn.Module):
           ValueError: bad axis or input (from :func:`jaxnorm.filter_response_norm`).
         """
         fn = "jaxnorm.linen.FilterResponseNorm"
-        errors.check_floating(fn, x)
-        axis = errors.canonical_axes(fn, "channel_axis", self.channel_axis, jnp.shape(x))[0]
+        check_floating(fn, x)
+        axis = canonical_axes(fn, "channel_axis", self.channel_axis, jnp.shape(x))[0]
         shape = (jnp.shape(x)[axis],)
         scale = self.param("scale", self.scale_init, shape, self.param_dtype) if self.use_scale else None
         bias = self.param("bias", self.bias_init, shape, self.param_dtype) if self.use_bias else None

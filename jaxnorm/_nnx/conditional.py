@@ -18,11 +18,14 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 
-from jaxnorm._src import errors
-from jaxnorm._src.batch_norm import BatchStats, batch_norm, init_batch_stats
+from jaxnorm._src.axes import canonical_axes
+from jaxnorm._src.batch_norm import batch_norm
+from jaxnorm._src.checks import check_floating, check_static_bool
+from jaxnorm._src.flax_common import batch_norm_options, layer_stats, merge_call_option
 from jaxnorm._src.group_norm import check_groups, group_norm, instance_norm
 from jaxnorm._src.layer_norm import layer_norm
 from jaxnorm._src.per_example import onto, projected_shape
+from jaxnorm._src.state import init_batch_stats
 
 Array = jax.Array
 Dtype = Any
@@ -149,20 +152,19 @@ class ConditionalBatchNorm(_Conditional):
         """
         fn = "jaxnorm.nnx.ConditionalBatchNorm"
         if use_running_average is None:
-            use_running_average = errors.merge_call_option(
+            use_running_average = merge_call_option(
                 fn, "use_running_average", self.use_running_average, None,
                 example="ConditionalBatchNorm(..., use_running_average=...)` or `model.eval()",
                 call_example="cbn(x, condition, use_running_average=...)",
             )
-        training = not errors.check_static_bool(fn, "use_running_average", use_running_average)
-        errors.check_floating(fn, x)
-        axes = errors.canonical_axes(fn, "axis", self.axis, jnp.shape(x))
+        training = not check_static_bool(fn, "use_running_average", use_running_average)
+        check_floating(fn, x)
+        axes = canonical_axes(fn, "axis", self.axis, jnp.shape(x))
         scale, bias = self._projected(fn, x, condition, axes)
         y, new = batch_norm(
-            x, BatchStats(self.mean[...], self.var[...], self.count[...]), scale, bias,
-            training=training, axis=self.axis, momentum=self.momentum, epsilon=self.epsilon,
-            average=self.average, unbiased=self.unbiased, mask=mask, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, dtype=self._out_dtype(x, scale, bias),
+            x, layer_stats(self.mean[...], self.var[...], self.count[...]), scale, bias,
+            training=training, mask=mask, dtype=self._out_dtype(x, scale, bias),
+            **batch_norm_options(self),
         )
         if training:
             self.mean[...], self.var[...], self.count[...] = new.mean, new.var, new.count
@@ -232,8 +234,8 @@ class ConditionalLayerNorm(_Conditional):
     def __call__(self, x: Array, condition: Array, *, mask: Array | None = None) -> Array:
         """Layer-normalizes ``x`` with the scale and shift of ``condition`` (x's shape)."""
         fn = "jaxnorm.nnx.ConditionalLayerNorm"
-        errors.check_floating(fn, x)
-        feature_axes = errors.canonical_axes(fn, "feature_axes", self.feature_axes, jnp.shape(x))
+        check_floating(fn, x)
+        feature_axes = canonical_axes(fn, "feature_axes", self.feature_axes, jnp.shape(x))
         scale, bias = self._projected(fn, x, condition, feature_axes)
         return layer_norm(
             x, scale, bias, axis=self.reduction_axes, epsilon=self.epsilon, mask=mask,
@@ -303,8 +305,8 @@ class ConditionalGroupNorm(_Conditional):
     def __call__(self, x: Array, condition: Array, *, mask: Array | None = None) -> Array:
         """Group-normalizes ``x`` with the scale and shift of ``condition`` (x's shape)."""
         fn = "jaxnorm.nnx.ConditionalGroupNorm"
-        errors.check_floating(fn, x)
-        channel = errors.canonical_axes(fn, "channel_axis", self.channel_axis, jnp.shape(x))
+        check_floating(fn, x)
+        channel = canonical_axes(fn, "channel_axis", self.channel_axis, jnp.shape(x))
         scale, bias = self._projected(fn, x, condition, channel)
         return group_norm(
             x, scale, bias, num_groups=self.num_groups, group_size=self.group_size,
@@ -367,8 +369,8 @@ class ConditionalInstanceNorm(_Conditional):
     def __call__(self, x: Array, condition: Array, *, mask: Array | None = None) -> Array:
         """Instance-normalizes ``x`` with the scale and shift of ``condition`` (x's shape)."""
         fn = "jaxnorm.nnx.ConditionalInstanceNorm"
-        errors.check_floating(fn, x)
-        feature_axes = errors.canonical_axes(fn, "feature_axes", self.feature_axes, jnp.shape(x))
+        check_floating(fn, x)
+        feature_axes = canonical_axes(fn, "feature_axes", self.feature_axes, jnp.shape(x))
         scale, bias = self._projected(fn, x, condition, feature_axes)
         return instance_norm(
             x, scale, bias, channel_axis=self.feature_axes, epsilon=self.epsilon, mask=mask,

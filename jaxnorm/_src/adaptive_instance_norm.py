@@ -25,9 +25,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxnorm._src import errors
-from jaxnorm._src.normalize import standardize
-from jaxnorm._src.stats import accumulation_dtype, compute_moments
+from jaxnorm._src.axes import canonical_axes
+from jaxnorm._src.checks import check_epsilon, check_floating, check_mask
+from jaxnorm._src.moments import accumulation_dtype, compute_moments
+from jaxnorm._src.standardize import standardize
 
 Array = jax.Array
 
@@ -38,7 +39,7 @@ def _channel_axis(fn: str, channel_axis: Any, shape: tuple[int, ...], name: str)
             f"{fn}: `channel_axis` must be a single int, got {channel_axis!r}; pass e.g. "
             f"`channel_axis=-1` (NHWC) or `channel_axis=1` (NCHW)."
         )
-    (axis,) = errors.canonical_axes(fn, "channel_axis", channel_axis, shape)
+    (axis,) = canonical_axes(fn, "channel_axis", channel_axis, shape)
     if axis == 0:
         raise ValueError(
             f"{fn}: `channel_axis`={channel_axis!r} is the batch axis 0 of `{name}` (shape "
@@ -96,9 +97,9 @@ def adaptive_instance_norm(
       (True, True)
     """
     fn = "adaptive_instance_norm"
-    errors.check_floating(fn, x)
-    errors.check_floating(fn, style, "style")
-    errors.check_epsilon(fn, epsilon)
+    check_floating(fn, x)
+    check_floating(fn, style, "style")
+    check_epsilon(fn, epsilon)
     x, style = jnp.asarray(x), jnp.asarray(style)
     if x.ndim < 3:
         raise ValueError(
@@ -117,7 +118,7 @@ def adaptive_instance_norm(
             f"(axis {axis}) of `x` (shape {x.shape}) and its batch of {x.shape[0]} or 1 "
             f"(one style for all); spatial sizes may differ."
         )
-    mask = errors.check_mask(fn, mask, x.shape)
+    mask = check_mask(fn, mask, x.shape)
     spatial = tuple(a for a in range(1, x.ndim) if a != axis)
     s = compute_moments(style, spatial)
     acc = accumulation_dtype(x.dtype)

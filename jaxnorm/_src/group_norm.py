@@ -5,7 +5,7 @@ of ``group_size`` consecutive channels; each example is standardized per group
 over the group's channels and the reduced axes (by default every axis but the
 batch axis). ``num_groups=1`` is layer norm over (..., C); ``group_size=1`` is
 instance norm. The split is a reshape, so the statistics come from the same
-:func:`jaxnorm._src.normalize.standardize` as every other norm.
+:func:`jaxnorm._src.standardize.standardize` as every other norm.
 """
 
 from __future__ import annotations
@@ -15,8 +15,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxnorm._src import errors
-from jaxnorm._src.normalize import standardize
+from jaxnorm._src.axes import canonical_axes
+from jaxnorm._src.checks import check_epsilon, check_floating, check_mask
+from jaxnorm._src.per_example import place
+from jaxnorm._src.standardize import standardize
 
 Array = jax.Array
 
@@ -57,15 +59,14 @@ def _group_norm(
     axis_index_groups: Any = None,
     dtype: Any = None,
 ) -> Array:
-    errors.check_floating(fn, x)
-    errors.check_epsilon(fn, epsilon)
-    x = jnp.asarray(x)
+    x = jnp.asarray(check_floating(fn, x))
+    check_epsilon(fn, epsilon)
     if x.ndim < 2:
         raise ValueError(
             f"{fn}: `x` must have a batch axis and a channel axis, got shape {x.shape}; "
             f"add a batch axis, e.g. `x[None]`."
         )
-    channel_axes = errors.canonical_axes(fn, "channel_axis", channel_axis, x.shape)
+    channel_axes = canonical_axes(fn, "channel_axis", channel_axis, x.shape)
     if 0 in channel_axes:
         raise ValueError(
             f"{fn}: `channel_axis`={channel_axis!r} {'is' if len(channel_axes) == 1 else 'includes'} "
@@ -75,24 +76,22 @@ def _group_norm(
     if reduction_axes is None:
         axes = tuple(range(1, x.ndim))
     else:
-        axes = errors.canonical_axes(fn, "reduction_axes", reduction_axes, x.shape)
+        axes = canonical_axes(fn, "reduction_axes", reduction_axes, x.shape)
         if not set(channel_axes) <= set(axes):
             raise ValueError(
                 f"{fn}: `reduction_axes`={reduction_axes!r} must include the channel axis "
                 f"{channel_axes[0]} of `x` (shape {x.shape}), since groups span channels; add it, "
                 f"e.g. `reduction_axes={tuple(sorted(set(axes) | set(channel_axes)))}`."
             )
-    channel_shape = tuple(x.shape[a] for a in channel_axes)
-    for name, value in (("scale", scale), ("bias", bias)):
-        errors.check_param_shape(fn, name, value, [channel_shape], x.shape)
-    mask = errors.check_mask(fn, mask, x.shape)
+    # (C,) on the channel axis, or per example (x's rank, e.g. (N, 1, 1, C)): see per_example
+    scale, bias = (place(fn, n, p, x.shape, channel_axes) for n, p in (("scale", scale), ("bias", bias)))
+    mask = check_mask(fn, mask, x.shape)
     if len(channel_axes) == 1:
         (channel,) = channel_axes
         groups, size = check_groups(fn, x.shape[channel], num_groups, group_size, x.shape)
         # (..., C, ...) -> (..., G, C // G, ...): reduce the within-group axis too.
         split = x.shape[:channel] + (groups, size) + x.shape[channel + 1:]
         grouped_axes = tuple(a if a < channel else a + 1 for a in axes if a != channel) + (channel + 1,)
-        split_channel_axes = (channel, channel + 1)
     else:
         if num_groups is not None or group_size != 1:
             raise ValueError(
@@ -103,12 +102,14 @@ def _group_norm(
         # group per channel, so no split; each is standardized over the rest.
         split = x.shape
         grouped_axes = tuple(a for a in axes if a not in channel_axes)
-        split_channel_axes = channel_axes
     if mask is not None:
         mask = jnp.broadcast_to(mask, x.shape).reshape(split)
-    # Parameters on the split layout: (C,) at the channel axis becomes (G, C // G).
-    param_shape = tuple(split[a] if a in split_channel_axes else 1 for a in range(len(split)))
-    as_param = lambda p: None if p is None else jnp.reshape(p, param_shape)  # noqa: E731
+    def as_param(p: Array | None) -> Array | None:
+        """A placed parameter (x's rank) on the split layout: C at the channel axis becomes (G, C // G)."""
+        if p is None or len(channel_axes) > 1:
+            return p
+        c = channel_axes[0]
+        return jnp.reshape(p, p.shape[:c] + (split[c:c + 2] if p.shape[c] > 1 else (1, 1)) + p.shape[c + 1:])
     y, _ = standardize(
         x.reshape(split), tuple(sorted(grouped_axes)), epsilon=epsilon, mask=mask,
         axis_name=axis_name, axis_index_groups=axis_index_groups,

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnorm._src import errors
+from jaxnorm._src.checks import check_floating
 
 Array = jax.Array
 
@@ -71,7 +71,7 @@ def place(
     """
     if param is None:
         return None
-    errors.check_floating(fn, param, name)
+    check_floating(fn, param, name)
     param = jnp.asarray(param)
     shape = tuple(param.shape)
     x_shape = tuple(x_shape)
@@ -118,7 +118,7 @@ def projected_shape(
       ValueError: a non-floating condition, one without a batch axis, leading
         axes that differ from x's, or a feature axis among them.
     """
-    errors.check_floating(fn, condition, "condition")
+    check_floating(fn, condition, "condition")
     c_shape = tuple(np.shape(condition))
     x_shape = tuple(x_shape)
     m = len(c_shape) - 1

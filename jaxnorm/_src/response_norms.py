@@ -40,10 +40,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxnorm._src import errors
+from jaxnorm._src.axes import canonical_axes
+from jaxnorm._src.checks import check_epsilon, check_floating
+from jaxnorm._src.moments import accumulation_dtype, compute_moments
 from jaxnorm._src.normalize import normalize
 from jaxnorm._src.per_example import place
-from jaxnorm._src.stats import accumulation_dtype, compute_moments
 
 Array = jax.Array
 
@@ -54,7 +55,7 @@ def _single_axis(fn: str, channel_axis: Any, shape: tuple[int, ...]) -> int:
             f"{fn}: `channel_axis` must be a single int, got {channel_axis!r}; pass e.g. "
             f"`channel_axis=-1` (NHWC) or `channel_axis=1` (NCHW)."
         )
-    return errors.canonical_axes(fn, "channel_axis", channel_axis, shape)[0]
+    return canonical_axes(fn, "channel_axis", channel_axis, shape)[0]
 
 
 def _check_number(fn: str, name: str, value: Any, example: str) -> None:
@@ -112,7 +113,7 @@ def local_response_norm(
       (2, 8, 8, 16)
     """
     fn = "local_response_norm"
-    errors.check_floating(fn, x)
+    check_floating(fn, x)
     x = jnp.asarray(x)
     if x.ndim < 1:
         raise ValueError(f"{fn}: `x` must have a channel axis, got a scalar; pass e.g. an (N, H, W, C) array.")
@@ -182,8 +183,8 @@ def filter_response_norm(
       True
     """
     fn = "filter_response_norm"
-    errors.check_floating(fn, x)
-    errors.check_epsilon(fn, epsilon)
+    check_floating(fn, x)
+    check_epsilon(fn, epsilon)
     x = jnp.asarray(x)
     if x.ndim < 2:
         raise ValueError(
