@@ -342,7 +342,8 @@ def batch_norm(
       x: (N, ..., C) or any layout, floating (bfloat16/float16 allowed: statistics
         in float32, output in x's dtype).
       stats: :class:`BatchStats` of the feature shape.
-      scale, bias: optional (feature shape) gamma and beta.
+      scale, bias: optional gamma and beta: the feature shape, or per example: x's
+        rank with each size 1 or x's, e.g. (N, 1, 1, C) (conditional batch norm).
       training: static Python bool.
       axis: kept feature axis or axes.
       momentum: weight on the old running value, ``new = momentum * old +

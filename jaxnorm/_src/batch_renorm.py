@@ -95,7 +95,8 @@ def batch_renorm(
     Args:
       x: (N, ..., C) or any layout, floating (statistics in at least float32).
       stats: :class:`BatchStats` of the feature shape.
-      scale, bias: optional (feature shape) gamma and beta.
+      scale, bias: optional gamma and beta: the feature shape, or per example: x's
+        rank with each size 1 or x's, e.g. (N, 1, 1, C).
       training: static Python bool.
       r_max: bound on ``r`` (>= 1); a Python number or a traced scalar.
       d_max: bound on ``|d|`` (>= 0); a Python number or a traced scalar.

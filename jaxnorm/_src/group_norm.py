@@ -141,7 +141,8 @@ def group_norm(
 
     Args:
       x: floating array with batch axis 0.
-      scale, bias: optional (C,).
+      scale, bias: optional (C,), or per example: x's rank with each size 1 or
+        x's, e.g. (N, 1, 1, C) on NHWC, (N, C, 1, 1) on NCHW.
       num_groups: G, must divide C. Exactly one of num_groups and group_size.
       group_size: C/G, must divide C.
       channel_axis: the channel axis.
@@ -192,7 +193,8 @@ def instance_norm(
 
     Args:
       x: (N, ..., C) or (N, C, ...) with ``channel_axis=1``; floating.
-      scale, bias: optional (C,), or ``x.shape[channel_axis]`` for several axes.
+      scale, bias: optional (C,), or ``x.shape[channel_axis]`` for several axes,
+        or per example: x's rank with each size 1 or x's, e.g. (N, 1, 1, C) (AdaIN-style).
       channel_axis: the channel axis, or a tuple of axes that are all kept
         (flax InstanceNorm's ``feature_axes``); every other non-batch axis is reduced.
       epsilon: added to the variance.

@@ -79,7 +79,8 @@ def layer_norm(
     Args:
       x: e.g. (N, C), (B, T, C) or (N, H, W, C); floating.
       scale, bias: optional, broadcasting against x from the right: (C,) as flax
-        makes them, or the reduced shape as PyTorch's LayerNorm does.
+        makes them, the reduced shape as PyTorch's LayerNorm does, or per example,
+        e.g. (B, 1, C) for adaLN (``layer_norm(x) * (1 + scale) + shift``).
       axis: reduced axis or axes.
       epsilon: added to the variance.
       mask: bool, broadcasts to x; True marks values that count (e.g. valid
