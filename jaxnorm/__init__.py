@@ -10,6 +10,7 @@ no flax. Every name here is re-exported from ``jaxnorm/_src`` (one concept a
 file; the README's "Layout of the code" is the map).
 """
 
+from jaxnorm._src.adaptive_instance_norm import adaptive_instance_norm as adaptive_instance_norm
 from jaxnorm._src.batch_norm import batch_norm as batch_norm
 from jaxnorm._src.batch_renorm import batch_renorm as batch_renorm
 from jaxnorm._src.batch_renorm import renorm_schedule as renorm_schedule
@@ -29,6 +30,8 @@ from jaxnorm._src.layer_norm import rms_norm as rms_norm
 from jaxnorm._src.moments import moments as moments
 from jaxnorm._src.normalize import normalize as normalize
 from jaxnorm._src.recalibration import recalibrate as recalibrate
+from jaxnorm._src.response_norms import filter_response_norm as filter_response_norm
+from jaxnorm._src.response_norms import local_response_norm as local_response_norm
 from jaxnorm._src.state import BatchStats as BatchStats
 from jaxnorm._src.state import init_batch_stats as init_batch_stats
 
@@ -56,4 +59,8 @@ __all__ = [
     "standardize_features",
     "unstandardize_features",
     "update_feature_stats",
+    # conditional and batch-free activation norms (issue 17)
+    "adaptive_instance_norm",
+    "filter_response_norm",
+    "local_response_norm",
 ]

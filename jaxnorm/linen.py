@@ -52,6 +52,10 @@ from jaxnorm._linen.batch_norm import BatchNorm as BatchNorm
 from jaxnorm._linen.batch_norm import BatchRenorm as BatchRenorm
 from jaxnorm._linen.checkpoint import fresh_batch_stats as fresh_batch_stats
 from jaxnorm._linen.checkpoint import from_flax_variables as from_flax_variables
+from jaxnorm._linen.conditional import ConditionalBatchNorm as ConditionalBatchNorm
+from jaxnorm._linen.conditional import ConditionalGroupNorm as ConditionalGroupNorm
+from jaxnorm._linen.conditional import ConditionalInstanceNorm as ConditionalInstanceNorm
+from jaxnorm._linen.conditional import ConditionalLayerNorm as ConditionalLayerNorm
 from jaxnorm._linen.folding import batch_norm_pairs as batch_norm_pairs
 from jaxnorm._linen.folding import fold_batch_norms as fold_batch_norms
 from jaxnorm._linen.group_norm import GroupNorm as GroupNorm
@@ -59,9 +63,17 @@ from jaxnorm._linen.group_norm import InstanceNorm as InstanceNorm
 from jaxnorm._linen.layer_norm import LayerNorm as LayerNorm
 from jaxnorm._linen.layer_norm import RMSNorm as RMSNorm
 from jaxnorm._linen.recalibration import recalibrate as recalibrate
+from jaxnorm._linen.response_norms import FilterResponseNorm as FilterResponseNorm
+from jaxnorm._linen.response_norms import LocalResponseNorm as LocalResponseNorm
 from jaxnorm._src.flax_common import override_average as override_average
 
 __all__ = [
+    "ConditionalBatchNorm",
+    "ConditionalGroupNorm",
+    "ConditionalInstanceNorm",
+    "ConditionalLayerNorm",
+    "FilterResponseNorm",
+    "LocalResponseNorm",
     "BatchNorm",
     "BatchRenorm",
     "GroupNorm",

@@ -27,14 +27,26 @@ Differences from flax are listed in :mod:`jaxnorm.linen` and the README.
 
 from jaxnorm._nnx.batch_norm import BatchNorm as BatchNorm
 from jaxnorm._nnx.batch_norm import BatchRenorm as BatchRenorm
+from jaxnorm._nnx.conditional import ConditionalBatchNorm as ConditionalBatchNorm
+from jaxnorm._nnx.conditional import ConditionalGroupNorm as ConditionalGroupNorm
+from jaxnorm._nnx.conditional import ConditionalInstanceNorm as ConditionalInstanceNorm
+from jaxnorm._nnx.conditional import ConditionalLayerNorm as ConditionalLayerNorm
 from jaxnorm._nnx.group_norm import GroupNorm as GroupNorm
 from jaxnorm._nnx.group_norm import InstanceNorm as InstanceNorm
 from jaxnorm._nnx.layer_norm import LayerNorm as LayerNorm
 from jaxnorm._nnx.layer_norm import RMSNorm as RMSNorm
 from jaxnorm._nnx.recalibration import recalibrate as recalibrate
 from jaxnorm._nnx.recalibration import reset_batch_stats as reset_batch_stats
+from jaxnorm._nnx.response_norms import FilterResponseNorm as FilterResponseNorm
+from jaxnorm._nnx.response_norms import LocalResponseNorm as LocalResponseNorm
 
 __all__ = [
+    "ConditionalBatchNorm",
+    "ConditionalGroupNorm",
+    "ConditionalInstanceNorm",
+    "ConditionalLayerNorm",
+    "FilterResponseNorm",
+    "LocalResponseNorm",
     "BatchNorm",
     "BatchRenorm",
     "GroupNorm",

@@ -28,7 +28,8 @@ import jaxnorm
 ROOT = pathlib.Path(jaxnorm.__file__).parent
 PUBLIC = ["jaxnorm", "jaxnorm.linen", "jaxnorm.nnx", "jaxnorm.interop"]
 # Data arguments, and arguments flax's layer of the same name takes positionally.
-POSITIONAL_DATA = {"scale", "bias", "bn_bias", "use_running_average", "num_groups", "group_size"}
+# tau: filter_response_norm(x, scale, bias, tau), as DESIGN.md fixes it
+POSITIONAL_DATA = {"scale", "bias", "tau", "bn_bias", "use_running_average", "num_groups", "group_size"}
 
 
 def _public_names(module_name):

@@ -8,7 +8,9 @@ Dependency order (each module imports only modules above it):
     moments                         shifted, masked moments (public: moments)
     standardize                     the fused op and its custom derivative (forward, backward, one decoration)
     normalize                       the inference-time affine map
+    per_example                     where a per-example (conditional) scale, bias or condition sits on x
     batch_norm, batch_renorm, layer_norm, group_norm    one norm family each
+    adaptive_instance_norm, response_norms              AdaIN; local and filter response norms
     folding, recalibration, torch   inference tools and PyTorch conversion
     flax_common                     what the linen and NNX layers share (no flax import)
 """

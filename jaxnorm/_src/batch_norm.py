@@ -48,11 +48,11 @@ from jaxnorm._src.checks import (
     check_epsilon,
     check_floating,
     check_mask,
-    check_param_shape,
     check_static_bool,
 )
 from jaxnorm._src.moments import Moments
 from jaxnorm._src.normalize import normalize
+from jaxnorm._src.per_example import place
 from jaxnorm._src.standardize import standardize
 from jaxnorm._src.state import AVERAGES, BatchStats, check_momentum, check_stats, unbias, update_stats
 
@@ -148,14 +148,18 @@ def check_inputs(
     x = jnp.asarray(check_floating(fn, x))
     lay = layout(fn, x.shape, axis)
     check_stats_shape(fn, stats, lay.feature_shape, x.shape, axis)
-    check_param_shape(fn, "scale", scale, [lay.feature_shape], x.shape)
-    check_param_shape(fn, "bias", bias, [lay.feature_shape], x.shape)
+    # feature-shaped, or per example (x's rank, e.g. (N, 1, 1, C)): see per_example
+    place(fn, "scale", scale, x.shape, lay.feature_axes)
+    place(fn, "bias", bias, x.shape, lay.feature_axes)
     mask = check_mask(fn, mask, x.shape)
     return x, lay, mask
 
 
 def as_broadcast(value: Array | None, lay: Layout) -> Array | None:
-    return None if value is None else jnp.reshape(value, lay.broadcast_shape)
+    """A feature-shaped value on x's rank; a per-example one (already x's rank) as it is."""
+    if value is None or tuple(jnp.shape(value)) != lay.feature_shape:
+        return value
+    return jnp.reshape(value, lay.broadcast_shape)
 
 
 class BatchView(NamedTuple):
@@ -225,7 +229,7 @@ def batch_standardize(
     y, m = standardize(
         view.x, view.axes, epsilon=epsilon, mask=view.mask,
         axis_name=axis_name, axis_index_groups=axis_index_groups,
-        scale=view_param(scale, view), bias=view_param(bias, view), dtype=dtype,
+        scale=view_affine(scale, view, lay), bias=view_affine(bias, view, lay), dtype=dtype,
     )
     return y, m, view
 
@@ -233,6 +237,17 @@ def batch_standardize(
 def view_param(value: Array | None, view: BatchView) -> Array | None:
     """A feature-shaped parameter or statistic, shaped to broadcast against the view."""
     return None if value is None else jnp.reshape(value, view.stats_shape)
+
+
+def view_affine(value: Array | None, view: BatchView, lay: Layout) -> Array | None:
+    """``scale`` or ``bias`` on the view: feature-shaped as :func:`view_param`; a
+    per-example one (x's rank) gets its batch axis split into the ghost batches."""
+    if value is None or tuple(jnp.shape(value)) == lay.feature_shape:
+        return view_param(value, view)
+    groups = view.x.shape[0]
+    if value.shape[0] == 1:
+        return value[None]
+    return jnp.reshape(value, (groups, value.shape[0] // groups) + value.shape[1:])
 
 
 def fold_batch(
@@ -343,7 +358,8 @@ def batch_norm(
         count holding a non-negative integer (what ``lax.pmean`` over the
         statistics makes of it) is restored to int32. Anything else is a
         ValueError.
-      scale, bias: optional (feature shape) gamma and beta.
+      scale, bias: optional gamma and beta: the feature shape, or per example: x's
+        rank with each size 1 or x's, e.g. (N, 1, 1, C) (conditional batch norm).
       training: static Python bool.
       axis: kept feature axis or axes.
       momentum: weight on the old running value, ``new = momentum * old +

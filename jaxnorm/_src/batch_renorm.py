@@ -38,6 +38,7 @@ from jaxnorm._src.batch_norm import (
     check_out_dtype,
     evaluate,
     fold_batch,
+    view_affine,
     view_param,
 )
 from jaxnorm._src.checks import check_after, check_at_least, check_epsilon
@@ -101,7 +102,8 @@ def batch_renorm(
         count holding a non-negative integer (what ``lax.pmean`` over the
         statistics makes of it) is restored to int32. Anything else is a
         ValueError.
-      scale, bias: optional (feature shape) gamma and beta.
+      scale, bias: optional gamma and beta: the feature shape, or per example: x's
+        rank with each size 1 or x's, e.g. (N, 1, 1, C).
       training: static Python bool.
       r_max: bound on ``r`` (>= 1); a Python number or a traced scalar.
       d_max: bound on ``|d|`` (>= 0); a Python number or a traced scalar.
@@ -172,11 +174,11 @@ def batch_renorm(
     # scale * (x_hat * r + d) + bias with r and d folded into the per-feature
     # factor and shift: one pass over the data, as batch norm's affine
     # (measured: as fast as batch norm; the unfolded form costs about 1.3x on CPU).
-    scale_v = view_param(scale, view)
+    scale_v = view_affine(scale, view, lay)
     factor = r if scale is None else r * scale_v
     shift = d if scale is None else d * scale_v
     if bias is not None:
-        shift = shift + view_param(bias, view)
+        shift = shift + view_affine(bias, view, lay)
     y = affine(x_hat, factor, shift, out_dtype)
     return jnp.reshape(y, x.shape), fold_batch(stats, m, lay, momentum=momentum, average=average, unbiased=unbiased)
 

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnorm._src.axes import canonical_axes
-from jaxnorm._src.checks import check_epsilon, check_floating, check_mask, check_param_shape
+from jaxnorm._src.checks import check_epsilon, check_floating, check_mask
+from jaxnorm._src.per_example import place
 from jaxnorm._src.standardize import standardize
 
 Array = jax.Array
@@ -84,9 +85,8 @@ def _group_norm(
                 f"{channel_axes[0]} of `x` (shape {x.shape}), since groups span channels; add it, "
                 f"e.g. `reduction_axes={tuple(sorted(set(axes) | set(channel_axes)))}`."
             )
-    channel_shape = tuple(x.shape[a] for a in channel_axes)
-    for name, value in (("scale", scale), ("bias", bias)):
-        check_param_shape(fn, name, value, [channel_shape], x.shape)
+    # (C,) on the channel axis, or per example (x's rank, e.g. (N, 1, 1, C)): see per_example
+    scale, bias = (place(fn, n, p, x.shape, channel_axes) for n, p in (("scale", scale), ("bias", bias)))
     mask = check_mask(fn, mask, x.shape)
     if len(channel_axes) == 1:
         (channel,) = channel_axes
@@ -94,7 +94,6 @@ def _group_norm(
         # (..., C, ...) -> (..., G, C // G, ...): reduce the within-group axis too.
         split = x.shape[:channel] + (groups, size) + x.shape[channel + 1:]
         grouped_axes = tuple(a if a < channel else a + 1 for a in axes if a != channel) + (channel + 1,)
-        split_channel_axes = (channel, channel + 1)
     else:
         if num_groups is not None or group_size != 1:
             raise ValueError(
@@ -105,12 +104,14 @@ def _group_norm(
         # group per channel, so no split; each is standardized over the rest.
         split = x.shape
         grouped_axes = tuple(a for a in axes if a not in channel_axes)
-        split_channel_axes = channel_axes
     if mask is not None:
         mask = jnp.broadcast_to(mask, x.shape).reshape(split)
-    # Parameters on the split layout: (C,) at the channel axis becomes (G, C // G).
-    param_shape = tuple(split[a] if a in split_channel_axes else 1 for a in range(len(split)))
-    as_param = lambda p: None if p is None else jnp.reshape(p, param_shape)  # noqa: E731
+    def as_param(p: Array | None) -> Array | None:
+        """A placed parameter (x's rank) on the split layout: C at the channel axis becomes (G, C // G)."""
+        if p is None or len(channel_axes) > 1:
+            return p
+        c = channel_axes[0]
+        return jnp.reshape(p, p.shape[:c] + (split[c:c + 2] if p.shape[c] > 1 else (1, 1)) + p.shape[c + 1:])
     y, _ = standardize(
         x.reshape(split), tuple(sorted(grouped_axes)), epsilon=epsilon, mask=mask,
         axis_name=axis_name, axis_index_groups=axis_index_groups,
@@ -142,7 +143,8 @@ def group_norm(
 
     Args:
       x: floating array with batch axis 0.
-      scale, bias: optional (C,).
+      scale, bias: optional (C,), or per example: x's rank with each size 1 or
+        x's, e.g. (N, 1, 1, C) on NHWC, (N, C, 1, 1) on NCHW.
       num_groups: G, must divide C. Exactly one of num_groups and group_size.
       group_size: C/G, must divide C.
       channel_axis: the channel axis.
@@ -193,7 +195,8 @@ def instance_norm(
 
     Args:
       x: (N, ..., C) or (N, C, ...) with ``channel_axis=1``; floating.
-      scale, bias: optional (C,), or ``x.shape[channel_axis]`` for several axes.
+      scale, bias: optional (C,), or ``x.shape[channel_axis]`` for several axes,
+        or per example: x's rank with each size 1 or x's, e.g. (N, 1, 1, C) (AdaIN-style).
       channel_axis: the channel axis, or a tuple of axes that are all kept
         (flax InstanceNorm's ``feature_axes``); every other non-batch axis is reduced.
       epsilon: added to the variance.

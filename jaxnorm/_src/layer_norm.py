@@ -14,7 +14,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxnorm._src.axes import canonical_axes
-from jaxnorm._src.checks import check_epsilon, check_floating, check_mask, check_param_shape
+from jaxnorm._src.checks import check_epsilon, check_floating, check_mask
+from jaxnorm._src.per_example import place
 from jaxnorm._src.standardize import standardize
 
 Array = jax.Array
@@ -50,12 +51,10 @@ def _prepare(
     else:
         # flax's `feature_axes`: parameters span these axes of x (e.g. C at
         # axis 1 of NCHW) and are placed on them, not broadcast from the right.
+        # Per-example parameters (x's rank, e.g. (N, C, 1, 1)) are taken as they are.
         kept = canonical_axes(fn, "feature_axes", feature_axes, x.shape)
-        shape = tuple(x.shape[a] for a in kept)
-        where = tuple(x.shape[a] if a in kept else 1 for a in range(x.ndim))
         for name, value in params.items():
-            check_param_shape(fn, name, value, [shape], x.shape)
-            params[name] = None if value is None else jnp.reshape(value, where)
+            params[name] = place(fn, name, value, x.shape, kept)
     return x, axes, check_mask(fn, mask, x.shape), params
 
 
@@ -80,7 +79,8 @@ def layer_norm(
     Args:
       x: e.g. (N, C), (B, T, C) or (N, H, W, C); floating.
       scale, bias: optional, broadcasting against x from the right: (C,) as flax
-        makes them, or the reduced shape as PyTorch's LayerNorm does.
+        makes them, the reduced shape as PyTorch's LayerNorm does, or per example,
+        e.g. (B, 1, C) for adaLN (``layer_norm(x) * (1 + scale) + shift``).
       axis: reduced axis or axes.
       epsilon: added to the variance.
       mask: bool, broadcasts to x; True marks values that count (e.g. valid
