@@ -21,7 +21,13 @@ from jaxnorm._src.layer_norm import layer_norm as layer_norm
 from jaxnorm._src.layer_norm import rms_norm as rms_norm
 from jaxnorm._src.normalize import normalize as normalize
 from jaxnorm._src.precise_bn import recalibrate as recalibrate
+from jaxnorm._src.spectral_norm import SpectralState as SpectralState
+from jaxnorm._src.spectral_norm import fold_spectral_norm as fold_spectral_norm
+from jaxnorm._src.spectral_norm import init_spectral_state as init_spectral_state
+from jaxnorm._src.spectral_norm import spectral_norm as spectral_norm
 from jaxnorm._src.stats import moments as moments
+from jaxnorm._src.weight_norm import weight_norm as weight_norm
+from jaxnorm._src.weight_norm import weight_standardize as weight_standardize
 
 __version__ = "0.1.0"
 
@@ -41,4 +47,10 @@ __all__ = [
     "recalibrate",
     "renorm_schedule",
     "rms_norm",
+    "SpectralState",
+    "fold_spectral_norm",
+    "init_spectral_state",
+    "spectral_norm",
+    "weight_norm",
+    "weight_standardize",
 ]

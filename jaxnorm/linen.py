@@ -55,6 +55,9 @@ from flax.core import unfreeze
 from flax.linen import dtypes, initializers
 
 import jaxnorm as jn
+from jaxnorm._linen.weight import SpectralNorm as SpectralNorm
+from jaxnorm._linen.weight import WeightNorm as WeightNorm
+from jaxnorm._linen.weight import WeightStandardization as WeightStandardization
 from jaxnorm._src import errors, precise_bn
 from jaxnorm._src.batch_norm import AVERAGES, layout
 
@@ -76,6 +79,9 @@ __all__ = [
     "fresh_batch_stats",
     "override_average",
     "recalibrate",
+    "SpectralNorm",
+    "WeightNorm",
+    "WeightStandardization",
 ]
 
 _AVERAGE_OVERRIDE: contextvars.ContextVar[str | None] = contextvars.ContextVar("jaxnorm_average_override", default=None)

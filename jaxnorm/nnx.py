@@ -32,6 +32,9 @@ from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 
 import jaxnorm as jn
+from jaxnorm._nnx.weight import SpectralNorm as SpectralNorm
+from jaxnorm._nnx.weight import WeightNorm as WeightNorm
+from jaxnorm._nnx.weight import WeightStandardization as WeightStandardization
 from jaxnorm._src import errors, precise_bn
 from jaxnorm._src.batch_norm import AVERAGES
 from jaxnorm._src.group_norm import check_groups
@@ -50,6 +53,9 @@ __all__ = [
     "LayerNorm",
     "RMSNorm",
     "reset_batch_stats",
+    "SpectralNorm",
+    "WeightNorm",
+    "WeightStandardization",
 ]
 
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
