@@ -44,6 +44,10 @@ import numpy as np
 
 from jaxnorm._src import errors
 from jaxnorm._src.batch_norm import BatchStats
+from jaxnorm._src.torch_weight import spectral_norm_from_torch as spectral_norm_from_torch
+from jaxnorm._src.torch_weight import spectral_norm_to_torch as spectral_norm_to_torch
+from jaxnorm._src.torch_weight import weight_norm_from_torch as weight_norm_from_torch
+from jaxnorm._src.torch_weight import weight_norm_to_torch as weight_norm_to_torch
 
 __all__ = [
     "batch_norm_from_torch",
@@ -56,6 +60,10 @@ __all__ = [
     "layer_norm_to_torch",
     "momentum_from_torch",
     "momentum_to_torch",
+    "spectral_norm_from_torch",
+    "spectral_norm_to_torch",
+    "weight_norm_from_torch",
+    "weight_norm_to_torch",
 ]
 
 _INT32_MAX = np.iinfo(np.int32).max
