@@ -241,7 +241,7 @@ def main(argv=None):
     parser.add_argument("--table", type=Path, default=None, help="also write the Markdown table here")
     args = parser.parse_args(argv)
     data = _common.load_digits()
-    cnn_steps, mlp_steps = (150, 150) if args.quick else (3000, 2000)
+    cnn_steps, mlp_steps = (100, 100) if args.quick else (3000, 2000)
     seeds = [args.seed] if args.quick else [args.seed + i for i in range(3)]
     batch = 2
     progress = not args.no_progress
