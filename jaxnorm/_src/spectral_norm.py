@@ -54,6 +54,12 @@ class SpectralState(NamedTuple):
         ``.../kernel/u``, PyTorch's ``weight_u`` as a row).
       sigma: (): the last estimate of the largest singular value, the one the
         kernel was last divided by (flax's ``.../kernel/sigma``).
+
+    Example:
+      >>> import jax.numpy as jnp, jaxnorm as jn
+      >>> state = jn.SpectralState(u=jnp.ones((1, 4)), sigma=jnp.array(1.0))
+      >>> state._replace(sigma=jnp.array(2.0)).sigma.tolist()
+      2.0
     """
 
     u: Array
@@ -166,11 +172,11 @@ def spectral_norm(
         the wrong shape, a traced ``update_stats``, a bad ``epsilon``.
 
     Example:
-      >>> import jax, jax.numpy as jnp, jaxnorm as jn
+      >>> import jax, jax.numpy as jnp, numpy as np, jaxnorm as jn
       >>> kernel = jnp.array([[3., 0.], [0., 1.]])
       >>> state = jn.init_spectral_state(jax.random.key(0), kernel.shape)
       >>> w, state = jn.spectral_norm(kernel, state, n_steps=5, update_stats=True)
-      >>> round(float(state.sigma), 4), w.round(4).tolist()
+      >>> round(float(state.sigma), 4), np.round(np.asarray(w, np.float64), 4).tolist()
       (3.0, [[1.0, 0.0], [0.0, 0.3333]])
     """
     fn = "spectral_norm"

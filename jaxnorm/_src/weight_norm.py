@@ -130,9 +130,9 @@ def weight_norm(
         repeated, a ``scale`` of the wrong shape, a bad ``epsilon``.
 
     Example:
-      >>> import jax.numpy as jnp, jaxnorm as jn
+      >>> import jax.numpy as jnp, numpy as np, jaxnorm as jn
       >>> w = jn.weight_norm(jnp.array([[3., 0.], [4., 2.]]), jnp.array([2., 1.]))
-      >>> w.round(4).tolist()
+      >>> np.round(np.asarray(w, np.float64), 4).tolist()
       [[1.2, 0.0], [1.6, 1.0]]
     """
     fn = "weight_norm"
@@ -184,9 +184,9 @@ def weight_standardize(
 
     Example:
       >>> import jax.numpy as jnp, jaxnorm as jn
-      >>> w = jn.weight_standardize(jnp.array([[1., 5.], [3., 5.]]), epsilon=0.0)
+      >>> w = jn.weight_standardize(jnp.array([[1., 2.], [3., 6.]]), epsilon=0.0)
       >>> w.tolist()
-      [[-1.0, 0.0], [1.0, 0.0]]
+      [[-1.0, -1.0], [1.0, 1.0]]
     """
     fn = "weight_standardize"
     errors.check_floating(fn, kernel, "kernel")
