@@ -38,7 +38,8 @@ import jax
 import jax.numpy as jnp
 from flax.linen import dtypes, initializers
 
-from jaxnorm._src.spectral_norm import SpectralState, init_spectral_state, spectral_norm
+from jaxnorm._src.spectral_norm import init_spectral_state, spectral_norm
+from jaxnorm._src.state import SpectralState
 from jaxnorm._src.weight_norm import feature_and_reduced_axes, weight_norm, weight_standardize
 
 Dtype = Any

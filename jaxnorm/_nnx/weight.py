@@ -38,7 +38,8 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 
-from jaxnorm._src.spectral_norm import SpectralState, spectral_norm
+from jaxnorm._src.spectral_norm import spectral_norm
+from jaxnorm._src.state import SpectralState
 from jaxnorm._src.weight_norm import feature_and_reduced_axes, weight_norm, weight_standardize
 
 Dtype = Any

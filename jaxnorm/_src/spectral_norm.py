@@ -33,37 +33,18 @@ vectors. See :mod:`jaxnorm.interop` for the conversion.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxnorm._src import errors
-from jaxnorm._src.stats import accumulation_dtype
+from jaxnorm._src import checks
+from jaxnorm._src.moments import accumulation_dtype
+from jaxnorm._src.state import SpectralState
 
 Array = jax.Array
-
-
-class SpectralState(NamedTuple):
-    """Power-iteration state of one spectrally normalized kernel.
-
-    Attributes:
-      u: (1, out_features): the left singular vector estimate (flax's
-        ``.../kernel/u``, PyTorch's ``weight_u`` as a row).
-      sigma: (): the last estimate of the largest singular value, the one the
-        kernel was last divided by (flax's ``.../kernel/sigma``).
-
-    Example:
-      >>> import jax.numpy as jnp, jaxnorm as jn
-      >>> state = jn.SpectralState(u=jnp.ones((1, 4)), sigma=jnp.array(1.0))
-      >>> state._replace(sigma=jnp.array(2.0)).sigma.tolist()
-      2.0
-    """
-
-    u: Array
-    sigma: Array
 
 
 def init_spectral_state(key: Array, kernel_shape: Sequence[int], *, dtype: Any = jnp.float32) -> SpectralState:
@@ -129,7 +110,7 @@ def check_spectral_state(fn: str, state: Any, kernel_shape: tuple[int, ...]) -> 
                 f"needs {want}; create the state with `jn.init_spectral_state(key, "
                 f"{tuple(kernel_shape)})`."
             )
-        errors.check_floating(fn, getattr(state, name), f"state.{name}")
+        checks.check_floating(fn, getattr(state, name), f"state.{name}")
 
 
 def _l2_normalize(a: Array, epsilon: Any) -> Array:
@@ -180,10 +161,10 @@ def spectral_norm(
       (3.0, [[1.0, 0.0], [0.0, 0.3333]])
     """
     fn = "spectral_norm"
-    errors.check_floating(fn, kernel, "kernel")
-    update_stats = errors.check_static_bool(fn, "update_stats", update_stats)
+    checks.check_floating(fn, kernel, "kernel")
+    update_stats = checks.check_static_bool(fn, "update_stats", update_stats)
     n_steps = check_n_steps(fn, n_steps)
-    errors.check_epsilon(fn, epsilon)
+    checks.check_epsilon(fn, epsilon)
     kernel = jnp.asarray(kernel)
     if kernel.ndim < 2:
         return kernel if dtype is None else kernel.astype(dtype), state
@@ -234,7 +215,7 @@ def fold_spectral_norm(kernel: Array, state: SpectralState, *, dtype: Any = None
       [[1.0, 2.0]]
     """
     fn = "fold_spectral_norm"
-    errors.check_floating(fn, kernel, "kernel")
+    checks.check_floating(fn, kernel, "kernel")
     kernel = jnp.asarray(kernel)
     if kernel.ndim < 2:
         return kernel if dtype is None else kernel.astype(dtype)

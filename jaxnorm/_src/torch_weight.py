@@ -44,8 +44,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxnorm._src import errors
-from jaxnorm._src.spectral_norm import SpectralState
+from jaxnorm._src import checks
+from jaxnorm._src.state import SpectralState
 
 LAYOUTS = ("flax", "torch")
 WEIGHT_NORM_KEYS = {
@@ -97,11 +97,11 @@ def kernel_to_torch(kernel: np.ndarray) -> np.ndarray:
 
 
 def _layout(fn: str, layout: Any) -> str:
-    return errors.check_choice(fn, "layout", layout, LAYOUTS)
+    return checks.check_choice(fn, "layout", layout, LAYOUTS)
 
 
 def _style(fn: str, style: Any) -> str:
-    return errors.check_choice(fn, "style", style, ("parametrizations", "legacy"))
+    return checks.check_choice(fn, "style", style, ("parametrizations", "legacy"))
 
 
 def _out(out: dict[str, np.ndarray], as_tensor: Callable[[np.ndarray], Any] | None) -> dict[str, Any]:

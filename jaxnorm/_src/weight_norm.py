@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxnorm._src import errors
+from jaxnorm._src import checks
+from jaxnorm._src.moments import accumulation_dtype, compute_moments
 from jaxnorm._src.normalize import normalize
-from jaxnorm._src.stats import accumulation_dtype, compute_moments
 
 Array = jax.Array
 
@@ -90,7 +90,7 @@ def _scale_shape(fn: str, scale: Any, shape: tuple[int, ...], feat: tuple[int, .
             f"`feature_axes`={feature_axes!r} has features of shape {compact}; pass a "
             f"{compact} array (flax's layout) or one of shape {keep}."
         )
-    errors.check_floating(fn, scale, "scale")
+    checks.check_floating(fn, scale, "scale")
     return keep
 
 
@@ -136,8 +136,8 @@ def weight_norm(
       [[1.2, 0.0], [1.6, 1.0]]
     """
     fn = "weight_norm"
-    errors.check_floating(fn, kernel, "kernel")
-    errors.check_epsilon(fn, epsilon)
+    checks.check_floating(fn, kernel, "kernel")
+    checks.check_epsilon(fn, epsilon)
     kernel = jnp.asarray(kernel)
     feat, red = feature_and_reduced_axes(fn, feature_axes, kernel.shape)
     keep = None if scale is None else _scale_shape(fn, scale, kernel.shape, feat, feature_axes)
@@ -189,8 +189,8 @@ def weight_standardize(
       [[-1.0, -1.0], [1.0, 1.0]]
     """
     fn = "weight_standardize"
-    errors.check_floating(fn, kernel, "kernel")
-    errors.check_epsilon(fn, epsilon)
+    checks.check_floating(fn, kernel, "kernel")
+    checks.check_epsilon(fn, epsilon)
     kernel = jnp.asarray(kernel)
     feat, red = feature_and_reduced_axes(fn, feature_axes, kernel.shape)
     if not red:
