@@ -16,6 +16,7 @@ from jaxnorm._src.batch_renorm import renorm_schedule as renorm_schedule
 from jaxnorm._src.folding import FoldPair as FoldPair
 from jaxnorm._src.folding import fold_batch_norm as fold_batch_norm
 from jaxnorm._src.folding import fold_batch_norms as fold_batch_norms
+from jaxnorm._src.folding import fold_spectral_norm as fold_spectral_norm
 from jaxnorm._src.group_norm import group_norm as group_norm
 from jaxnorm._src.group_norm import instance_norm as instance_norm
 from jaxnorm._src.layer_norm import layer_norm as layer_norm
@@ -23,7 +24,6 @@ from jaxnorm._src.layer_norm import rms_norm as rms_norm
 from jaxnorm._src.moments import moments as moments
 from jaxnorm._src.normalize import normalize as normalize
 from jaxnorm._src.recalibration import recalibrate as recalibrate
-from jaxnorm._src.spectral_norm import fold_spectral_norm as fold_spectral_norm
 from jaxnorm._src.spectral_norm import init_spectral_state as init_spectral_state
 from jaxnorm._src.spectral_norm import spectral_norm as spectral_norm
 from jaxnorm._src.state import BatchStats as BatchStats
