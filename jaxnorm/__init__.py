@@ -23,6 +23,7 @@ from jaxnorm._src.feature_stats import update_feature_stats as update_feature_st
 from jaxnorm._src.folding import FoldPair as FoldPair
 from jaxnorm._src.folding import fold_batch_norm as fold_batch_norm
 from jaxnorm._src.folding import fold_batch_norms as fold_batch_norms
+from jaxnorm._src.folding import fold_spectral_norm as fold_spectral_norm
 from jaxnorm._src.group_norm import group_norm as group_norm
 from jaxnorm._src.group_norm import instance_norm as instance_norm
 from jaxnorm._src.layer_norm import layer_norm as layer_norm
@@ -32,8 +33,13 @@ from jaxnorm._src.normalize import normalize as normalize
 from jaxnorm._src.recalibration import recalibrate as recalibrate
 from jaxnorm._src.response_norms import filter_response_norm as filter_response_norm
 from jaxnorm._src.response_norms import local_response_norm as local_response_norm
+from jaxnorm._src.spectral_norm import init_spectral_state as init_spectral_state
+from jaxnorm._src.spectral_norm import spectral_norm as spectral_norm
 from jaxnorm._src.state import BatchStats as BatchStats
+from jaxnorm._src.state import SpectralState as SpectralState
 from jaxnorm._src.state import init_batch_stats as init_batch_stats
+from jaxnorm._src.weight_norm import weight_norm as weight_norm
+from jaxnorm._src.weight_norm import weight_standardize as weight_standardize
 
 __version__ = "0.1.0"
 
@@ -63,4 +69,10 @@ __all__ = [
     "adaptive_instance_norm",
     "filter_response_norm",
     "local_response_norm",
+    "SpectralState",
+    "fold_spectral_norm",
+    "init_spectral_state",
+    "spectral_norm",
+    "weight_norm",
+    "weight_standardize",
 ]

@@ -46,6 +46,10 @@ from jaxnorm._src.torch import layer_norm_from_torch as layer_norm_from_torch
 from jaxnorm._src.torch import layer_norm_to_torch as layer_norm_to_torch
 from jaxnorm._src.torch import momentum_from_torch as momentum_from_torch
 from jaxnorm._src.torch import momentum_to_torch as momentum_to_torch
+from jaxnorm._src.torch_weight import spectral_norm_from_torch as spectral_norm_from_torch
+from jaxnorm._src.torch_weight import spectral_norm_to_torch as spectral_norm_to_torch
+from jaxnorm._src.torch_weight import weight_norm_from_torch as weight_norm_from_torch
+from jaxnorm._src.torch_weight import weight_norm_to_torch as weight_norm_to_torch
 
 __all__ = [
     "batch_norm_from_torch",
@@ -58,4 +62,8 @@ __all__ = [
     "layer_norm_to_torch",
     "momentum_from_torch",
     "momentum_to_torch",
+    "spectral_norm_from_torch",
+    "spectral_norm_to_torch",
+    "weight_norm_from_torch",
+    "weight_norm_to_torch",
 ]

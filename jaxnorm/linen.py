@@ -65,6 +65,9 @@ from jaxnorm._linen.layer_norm import RMSNorm as RMSNorm
 from jaxnorm._linen.recalibration import recalibrate as recalibrate
 from jaxnorm._linen.response_norms import FilterResponseNorm as FilterResponseNorm
 from jaxnorm._linen.response_norms import LocalResponseNorm as LocalResponseNorm
+from jaxnorm._linen.weight import SpectralNorm as SpectralNorm
+from jaxnorm._linen.weight import WeightNorm as WeightNorm
+from jaxnorm._linen.weight import WeightStandardization as WeightStandardization
 from jaxnorm._src.flax_common import override_average as override_average
 
 __all__ = [
@@ -86,6 +89,9 @@ __all__ = [
     "from_flax_variables",
     "override_average",
     "recalibrate",
+    "SpectralNorm",
+    "WeightNorm",
+    "WeightStandardization",
 ]
 
 

@@ -39,6 +39,9 @@ from jaxnorm._nnx.recalibration import recalibrate as recalibrate
 from jaxnorm._nnx.recalibration import reset_batch_stats as reset_batch_stats
 from jaxnorm._nnx.response_norms import FilterResponseNorm as FilterResponseNorm
 from jaxnorm._nnx.response_norms import LocalResponseNorm as LocalResponseNorm
+from jaxnorm._nnx.weight import SpectralNorm as SpectralNorm
+from jaxnorm._nnx.weight import WeightNorm as WeightNorm
+from jaxnorm._nnx.weight import WeightStandardization as WeightStandardization
 
 __all__ = [
     "ConditionalBatchNorm",
@@ -55,6 +58,9 @@ __all__ = [
     "RMSNorm",
     "recalibrate",
     "reset_batch_stats",
+    "SpectralNorm",
+    "WeightNorm",
+    "WeightStandardization",
 ]
 
 

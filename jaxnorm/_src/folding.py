@@ -35,7 +35,7 @@ import numpy as np
 from jaxnorm._src.checks import check_collection, check_epsilon, check_floating
 from jaxnorm._src.moments import accumulation_dtype
 from jaxnorm._src.normalize import normalize
-from jaxnorm._src.state import BatchStats
+from jaxnorm._src.state import BatchStats, SpectralState
 
 Array = jax.Array
 
@@ -368,3 +368,50 @@ def fold_batch_norms(variables: Mapping[str, Any], pairs: Any, *, epsilon: float
     if "batch_stats" in out and not out["batch_stats"]:
         del out["batch_stats"]
     return out
+
+
+def fold_spectral_norm(kernel: Array, state: SpectralState, *, dtype: Any = None) -> Array:
+    """Freezes a spectrally normalized kernel: ``kernel / state.sigma``, no iteration.
+
+    The stored ``sigma`` is the one the last training step (``update_stats=True``)
+    divided by, so the frozen kernel is what that step used; a plain Dense or
+    Conv with it replaces the ``SpectralNorm`` wrapper for deployment or
+    export. (Evaluating the wrapper with ``update_stats=False`` iterates once
+    more from ``u`` and so differs from this in the last digits until the
+    iteration has converged.) A zero ``sigma`` divides by 1, as in
+    :func:`spectral_norm`; rank < 2 kernels come back unchanged.
+
+    Args:
+      kernel: the raw (unnormalized) kernel, e.g. ``params["Dense_0"]["kernel"]``.
+      state: its :class:`SpectralState` (or anything with a ``sigma``), e.g.
+        ``SpectralState(u, sigma)`` of flax's ``batch_stats/SpectralNorm_0``
+        entries ``Dense_0/kernel/u`` and ``Dense_0/kernel/sigma``.
+      dtype: dtype of the result; default the kernel's.
+
+    Returns:
+      The frozen kernel.
+
+    Raises:
+      ValueError: non-floating input or a non-scalar ``sigma``.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxnorm as jn
+      >>> state = jn.SpectralState(u=jnp.ones((1, 2)), sigma=jnp.array(2.0))
+      >>> jn.fold_spectral_norm(jnp.array([[2., 4.]]), state).tolist()
+      [[1.0, 2.0]]
+    """
+    fn = "fold_spectral_norm"
+    check_floating(fn, kernel, "kernel")
+    kernel = jnp.asarray(kernel)
+    if kernel.ndim < 2:
+        return kernel if dtype is None else kernel.astype(dtype)
+    sigma = getattr(state, "sigma", None)
+    if sigma is None or np.shape(sigma) != ():
+        raise ValueError(
+            f"{fn}: `state.sigma` must be a scalar (the stored largest singular value), got "
+            f"{None if sigma is None else np.shape(sigma)}; pass the kernel's jn.SpectralState."
+        )
+    acc = jnp.promote_types(accumulation_dtype(kernel.dtype), jnp.result_type(sigma))
+    sigma = jnp.asarray(sigma, acc)
+    out = kernel.astype(acc) / jnp.where(sigma != 0, sigma, 1)
+    return out.astype(kernel.dtype if dtype is None else dtype)

@@ -42,6 +42,26 @@ Array = jax.Array
 AVERAGES = ("ema", "cumulative")
 
 
+class SpectralState(NamedTuple):
+    """Power-iteration state of one spectrally normalized kernel.
+
+    Attributes:
+      u: (1, out_features): the left singular vector estimate (flax's
+        ``.../kernel/u``, PyTorch's ``weight_u`` as a row).
+      sigma: (): the last estimate of the largest singular value, the one the
+        kernel was last divided by (flax's ``.../kernel/sigma``).
+
+    Example:
+      >>> import jax.numpy as jnp, jaxnorm as jn
+      >>> state = jn.SpectralState(u=jnp.ones((1, 4)), sigma=jnp.array(1.0))
+      >>> state._replace(sigma=jnp.array(2.0)).sigma.tolist()
+      2.0
+    """
+
+    u: Array
+    sigma: Array
+
+
 class BatchStats(NamedTuple):
     """Running statistics of batch norm: a pytree that works under jit, vmap and scan.
 
