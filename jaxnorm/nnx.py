@@ -49,6 +49,7 @@ __all__ = [
     "InstanceNorm",
     "LayerNorm",
     "RMSNorm",
+    "recalibrate",
     "reset_batch_stats",
 ]
 
