@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet
-SPHINX := $(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
+SPHINX := $(PY) -m sphinx -E -W --keep-going -q -b html docs docs/_build/html
 
 .PHONY: demo test test-fast docs gallery docs-data bench bench-folding dist lint chromium clean
 

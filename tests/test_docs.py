@@ -45,7 +45,7 @@ def site(testrun_uid) -> Path:
                 old.unlink()
             env = {**os.environ, "JAX_PLATFORMS": "cpu"}
             run = subprocess.run(
-                [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", str(DOCS), str(HTML)],
+                [sys.executable, "-m", "sphinx", "-E", "-W", "--keep-going", "-q", "-b", "html", str(DOCS), str(HTML)],
                 capture_output=True, text=True, env=env, timeout=600,
             )
             assert run.returncode == 0, f"sphinx-build -W failed:\n{run.stdout}\n{run.stderr}"

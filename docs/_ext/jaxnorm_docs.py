@@ -66,7 +66,7 @@ def _write(path: Path, text: str) -> None:
 def _object_page(module_name: str, name: str, obj: Any) -> str:
     if isinstance(obj, type):
         directive = f".. autoclass:: {name}\n   :members:\n"
-        if callable(getattr(obj, "__call__", None)) and "__call__" in vars(obj):
+        if "__call__" in vars(obj):
             directive += "   :special-members: __call__\n"
     elif callable(obj):
         directive = f".. autofunction:: {name}\n"
@@ -94,7 +94,8 @@ def write_api() -> list[str]:
         module = importlib.import_module(module_name)
         names = public_names(module_name)
         doc = _summary(module)
-        lines = [f"# `{module_name}`\n", f"{doc}\n" if doc else "", "```{eval-rst}", f".. currentmodule:: {module_name}", "", ".. autosummary::", ""]
+        lines = [f"# `{module_name}`\n", f"{doc}\n" if doc else "", "```{eval-rst}",
+                 f".. currentmodule:: {module_name}", "", ".. autosummary::", ""]
         lines += [f"   {name}" for name in names]
         lines += ["```", "", "```{toctree}", ":hidden:", ""]
         lines += [f"{module_name}.{name}" for name in names]
@@ -226,8 +227,8 @@ def bench_context(result: dict) -> str:
 
 def folding_text(result: dict) -> str:
     return (
-        f"| input | widths | batch norms folded | ms with batch norm | ms folded | speed-up | max abs output difference "
-        f"| ms to find and fold |\n|---|---|---|---|---|---|---|---|\n"
+        "| input | widths | batch norms folded | ms with batch norm | ms folded | speed-up "
+        "| max abs output difference | ms to find and fold |\n|---|---|---|---|---|---|---|---|\n"
         f"| {tuple(result['input_shape'])} | {', '.join(map(str, result['widths']))} | {result['batch_norms_folded']} "
         f"| {result['ms_with_batch_norm']:.1f} | {result['ms_folded']:.1f} | {result['speedup']:.2f}x "
         f"| {result['max_abs_output_difference']:.1e} | {result['ms_to_fold']:.0f} |\n"
