@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # compiles every block: tens of seconds in all
+
 ROOT = Path(__file__).resolve().parents[1]
 GENERATED = ("_build", "api", "gallery", "_generated")
 FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
