@@ -36,11 +36,10 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
-
-import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # The checkout's jaxnorm, not whichever one the environment has installed.
@@ -52,7 +51,6 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxnorm.linen as jnl  # noqa: E402
-
 
 # --- the cases ---------------------------------------------------------------
 
@@ -135,7 +133,7 @@ def make_steps(kind: str, module: Any, variables: dict, bn: bool) -> dict[str, C
 
     def apply(p, x):
         if bn:
-            y, upd = module.apply({"params": p, "batch_stats": stats}, x, use_running_average=False, mutable=["batch_stats"])
+            y, upd = module.apply({"params": p, "batch_stats": stats}, x, use_running_average=False, mutable=["batch_stats"])  # noqa: E501
             return y, upd["batch_stats"]
         return module.apply({"params": p}, x), None
 
@@ -186,7 +184,7 @@ def interleaved_median(fns: dict[str, Callable], args: tuple, repeats: int) -> d
     for r in range(repeats):
         # Rotating the order: no implementation always runs right after the
         # same neighbour (whose freed output it may be handed) or first.
-        for k in names[r % len(names):] + names[: r % len(names)]:
+        for k in names[r % len(names) :] + names[: r % len(names)]:
             start = time.perf_counter()
             jax.block_until_ready(fns[k](*args))
             times[k].append(time.perf_counter() - start)
@@ -213,6 +211,7 @@ def max_rel(a: Any, b: Any) -> float:
 
 
 # --- the run -------------------------------------------------------------------
+
 
 def run(quick: bool, repeats: int, only: list[str] | None, dtypes: list[str]) -> dict:
     bw = streaming_bandwidth(quick)  # also warms up tracing and compilation
@@ -244,30 +243,46 @@ def run(quick: bool, repeats: int, only: list[str] | None, dtypes: list[str]) ->
                 for label, steps in impls.items():
                     if steps.get(mode) is None:
                         continue
-                    compiled[label], compile_s[label], temp[label] = compile_step(steps[mode], params, x, w, tries=1 if quick else 2)
+                    compiled[label], compile_s[label], temp[label] = compile_step(
+                        steps[mode], params, x, w, tries=1 if quick else 2
+                    )
                 times = interleaved_median(compiled, (params, x, w), repeats)
                 outs = {k: f(params, x, w) for k, f in compiled.items()}
                 itemsize = dtype.itemsize
                 nbytes = x.size * itemsize * 2 if mode != "fwd+bwd" else x.size * (itemsize * 2 + 4)
-                row = dict(case=name, shape=list(shape), dtype=dtype_name, mode=mode,
-                           ms={k: v * 1e3 for k, v in times.items()},
-                           ratio_to_flax={k: times[k] / times["flax"] for k in times},
-                           gb_s={k: nbytes / v / 1e9 for k, v in times.items()},
-                           fraction_of_streaming={k: nbytes / v / bw for k, v in times.items()},
-                           compile_s=compile_s, temp_bytes=temp)
+                row = dict(
+                    case=name,
+                    shape=list(shape),
+                    dtype=dtype_name,
+                    mode=mode,
+                    ms={k: v * 1e3 for k, v in times.items()},
+                    ratio_to_flax={k: times[k] / times["flax"] for k in times},
+                    gb_s={k: nbytes / v / 1e9 for k, v in times.items()},
+                    fraction_of_streaming={k: nbytes / v / bw for k, v in times.items()},
+                    compile_s=compile_s,
+                    temp_bytes=temp,
+                )
                 if mode == "fwd+bwd":
                     row["grad_rel_diff_ours_vs_flax"] = max_rel(outs["ours"][0], outs["flax"][0])
                 else:
                     y = {k: (o[0] if isinstance(o, tuple) else o) for k, o in outs.items()}
                     if mode == "fwd":
-                        row["max_abs_diff_to_f64"] = {k: float(np.max(np.abs(np.asarray(v, np.float64) - x_ref))) for k, v in y.items()}
-                    row["max_abs_diff_ours_vs_flax"] = float(np.max(np.abs(
-                        np.asarray(y["ours"], np.float64) - np.asarray(y["flax"], np.float64))))
+                        row["max_abs_diff_to_f64"] = {
+                            k: float(np.max(np.abs(np.asarray(v, np.float64) - x_ref))) for k, v in y.items()
+                        }
+                    row["max_abs_diff_ours_vs_flax"] = float(
+                        np.max(np.abs(np.asarray(y["ours"], np.float64) - np.asarray(y["flax"], np.float64)))
+                    )
                 rows.append(row)
                 print_row(row)
     return dict(
-        machine=machine(), streaming_gb_s=bw / 1e9, quick=quick, repeats=repeats, malloc_env=malloc_env(),
-        versions={"jax": jax.__version__, "flax": _flax_version(), "backend": jax.default_backend()}, rows=rows,
+        machine=machine(),
+        streaming_gb_s=bw / 1e9,
+        quick=quick,
+        repeats=repeats,
+        malloc_env=malloc_env(),
+        versions={"jax": jax.__version__, "flax": _flax_version(), "backend": jax.default_backend()},
+        rows=rows,
     )
 
 

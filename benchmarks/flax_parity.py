@@ -35,7 +35,9 @@ def linen_bn(layout):
     runs = []
     for bn in (nn.BatchNorm(axis=axis, momentum=0.8, use_fast_variance=False), jnl.BatchNorm(axis=axis, momentum=0.8)):
         v = bn.init(KEY, xs[0], use_running_average=False)
-        step = jax.jit(lambda v, x, m, bn=bn: bn.apply(v, x, use_running_average=False, mask=m, mutable=["batch_stats"]))
+        step = jax.jit(
+            lambda v, x, m, bn=bn: bn.apply(v, x, use_running_average=False, mask=m, mutable=["batch_stats"])
+        )
         ys, stats = [], []
         for x, m in zip(xs, masks):
             y, upd = step(v, x, m)
@@ -50,8 +52,10 @@ def linen_bn(layout):
 def nnx_bn(layout):
     shape, axis, mask_shape = LAYOUTS[layout]
     runs = []
-    for mod in (nnx.BatchNorm(shape[axis], axis=axis, momentum=0.8, use_fast_variance=False, rngs=nnx.Rngs(0)),
-                jnx.BatchNorm(shape[axis], axis=axis, momentum=0.8, rngs=nnx.Rngs(0))):
+    for mod in (
+        nnx.BatchNorm(shape[axis], axis=axis, momentum=0.8, use_fast_variance=False, rngs=nnx.Rngs(0)),
+        jnx.BatchNorm(shape[axis], axis=axis, momentum=0.8, rngs=nnx.Rngs(0)),
+    ):
         ys, stats = [], []
         for s in range(STEPS):
             ys.append(nnx.jit(lambda m, x, k: m(x, mask=k))(mod, make_input(shape, s), make_mask(mask_shape, s)))
@@ -68,7 +72,11 @@ def stateless(layout, name):
     x = make_input(shape, 3)
     mask = None
     if mask_shape is not None:
-        mask = feature_mask(shape, 3) if name in ("LayerNorm", "RMSNorm") else np.broadcast_to(make_mask(mask_shape, 3), shape)
+        mask = (
+            feature_mask(shape, 3)
+            if name in ("LayerNorm", "RMSNorm")
+            else np.broadcast_to(make_mask(mask_shape, 3), shape)
+        )
     theirs = getattr(nn, name)(use_fast_variance=False, **kwargs)
     v = theirs.init(KEY, x)
     d_linen = max_abs(theirs.apply(v, x, mask=mask), getattr(jnl, name)(**kwargs).apply(v, x, mask=mask))
@@ -96,8 +104,11 @@ def main():
     x = (1e4 + 1e-2 * rng.standard_normal((16, 8))).astype(np.float32)
     ref = ref_standardize(x, (0,), None, 1e-5)[0]
     print("\nLarge offset (mean 1e4, std 1e-2, (16, 8)), BatchNorm training output vs float64:")
-    for label, mod in (("flax default (one-pass)", nn.BatchNorm()), ("flax use_fast_variance=False", nn.BatchNorm(use_fast_variance=False)),
-                       ("jaxnorm", jnl.BatchNorm())):
+    for label, mod in (
+        ("flax default (one-pass)", nn.BatchNorm()),
+        ("flax use_fast_variance=False", nn.BatchNorm(use_fast_variance=False)),
+        ("jaxnorm", jnl.BatchNorm()),
+    ):
         v = mod.init(KEY, x, use_running_average=False)
         y, _ = mod.apply(v, x, use_running_average=False, mutable=["batch_stats"])
         print(f"  {label}: {max_abs(y, ref):.2e}")

@@ -69,7 +69,9 @@ def main() -> None:
         ),
     }
     t = jnp.asarray(30_000)
-    rows = median_seconds({name: step(f) for name, f in variants.items()}, x, scale, bias, stats, t, repeats=args.repeats)
+    rows = median_seconds(
+        {name: step(f) for name, f in variants.items()}, x, scale, bias, stats, t, repeats=args.repeats
+    )
 
     batches = [x + i for i in range(10)]
     update = lambda s, b: jn.batch_norm(b, s, scale, bias, training=True)[1]  # noqa: E731
@@ -78,7 +80,9 @@ def main() -> None:
     recal = time.perf_counter() - start
 
     base = rows["batch_norm"]
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, x of shape {shape}, forward + backward, median of {args.repeats}")
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].platform}, x of shape {shape}, forward + backward, median of {args.repeats}"  # noqa: E501
+    )
     for name, seconds in rows.items():
         print(f"  {name:32s} {seconds * 1e3:8.3f} ms   x{seconds / base:.2f}")
     print(f"  recalibrate, 10 batches (compile included) {recal * 1e3:8.1f} ms")

@@ -136,7 +136,7 @@ def train_linen(data, epochs: int, seed: int, bar) -> tuple[dict[str, Any], dict
     for _ in range(epochs):
         losses = []
         for idx in batches(rng, len(x_train)):
-            params, batch_stats, opt_state, loss = train_step(params, batch_stats, opt_state, x_train[idx], y_train[idx])
+            params, batch_stats, opt_state, loss = train_step(params, batch_stats, opt_state, x_train[idx], y_train[idx])  # noqa: E501
             losses.append(loss)
         variables = {"params": params, "batch_stats": batch_stats}
         curves["train_loss"].append(float(jnp.mean(jnp.stack(losses))))
@@ -175,9 +175,15 @@ def fold_for_inference(variables: dict[str, Any]) -> dict[str, Any]:
         s = variables["batch_stats"][bn]
         stats = jn.BatchStats(mean=s["mean"], var=s["var"], count=s["count"])
         bn_params = params.pop(bn)
-        kernel, bias = jn.fold_batch_norm(params[conv]["kernel"], params[conv]["bias"], stats,
-                                          bn_params["scale"], bn_params["bias"],
-                                          epsilon=BN_EPSILON, feature_axis=-1)  # HWIO: output channels last
+        kernel, bias = jn.fold_batch_norm(
+            params[conv]["kernel"],
+            params[conv]["bias"],
+            stats,
+            bn_params["scale"],
+            bn_params["bias"],
+            epsilon=BN_EPSILON,
+            feature_axis=-1,
+        )  # HWIO: output channels last
         params[conv] = {"kernel": kernel, "bias": bias}
     return {"params": params}
 
@@ -277,10 +283,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "linen": {"test_accuracy": linen_acc, **{f"curve_{k}": v for k, v in linen_curves.items()}},
         "nnx": {"test_accuracy": nnx_acc, **{f"curve_{k}": v for k, v in nnx_curves.items()}},
         "restore": {"path": "flax_cnn.msgpack", "max_abs_diff": restore_diff, "identical": restore_diff == 0.0},
-        "fold": {"max_abs_diff": fold_diff, "folded_layers": [c for c, _ in CONV_BN],
-                 "max_abs_logit": float(jnp.max(jnp.abs(logits)))},
-        "config": {"seed": args.seed, "batch": BATCH, "lr": LR, "optimizer": "adam", "bn_momentum": MOMENTUM,
-                   "data": "sklearn digits 8x8, 1300 train / 497 test"},
+        "fold": {
+            "max_abs_diff": fold_diff,
+            "folded_layers": [c for c, _ in CONV_BN],
+            "max_abs_logit": float(jnp.max(jnp.abs(logits))),
+        },
+        "config": {
+            "seed": args.seed,
+            "batch": BATCH,
+            "lr": LR,
+            "optimizer": "adam",
+            "bn_momentum": MOMENTUM,
+            "data": "sklearn digits 8x8, 1300 train / 497 test",
+        },
         "runtime_s": round(elapsed, 2),
     }
     common.write_json(out / "flax_cnn.json", payload)

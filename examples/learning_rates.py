@@ -32,7 +32,6 @@ import math
 import time
 
 import _common
-
 import jax  # noqa: E402  (after _common, which puts this checkout's jaxnorm first)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

@@ -5,10 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference as ref
 from jax.test_util import check_grads
 
 import jaxnorm as jn
-import reference as ref
 
 LAYOUTS = [
     # (shape, axis, feature axes)
@@ -118,7 +118,7 @@ def test_non_finite_batch_leaves_every_feature_and_count_unchanged(bad):
     x = data((6, 3))
     x[2, 1] = bad  # only one feature is non-finite
     for average in ("ema", "cumulative"):
-        _, new = jax.jit(lambda x, s: jn.batch_norm(x, s, training=True, average=average))(x, stats)
+        _, new = jax.jit(lambda x, s: jn.batch_norm(x, s, training=True, average=average))(x, stats)  # noqa: B023
         chex.assert_trees_all_equal(new, stats)
 
 

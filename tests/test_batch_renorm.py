@@ -5,9 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference as ref
 
 import jaxnorm as jn
-import reference as ref
+
 
 def data(shape, seed=0, loc=1.5, spread=3.0):
     rng = np.random.default_rng(seed)
@@ -37,7 +38,9 @@ def test_training_matches_algorithm_1(shape, axis, feature_axes, transform):
     rng = np.random.default_rng(1)
     scale = rng.uniform(0.5, 2.0, fshape).astype(np.float32)
     bias = rng.standard_normal(fshape).astype(np.float32)
-    f = transform(lambda x, s: jn.batch_renorm(x, s, scale, bias, training=True, r_max=2.0, d_max=1.0, axis=axis, momentum=0.9))
+    f = transform(
+        lambda x, s: jn.batch_renorm(x, s, scale, bias, training=True, r_max=2.0, d_max=1.0, axis=axis, momentum=0.9)
+    )
     y, new = f(x, stats)
     y_ref, r, d, mean, var = ref.batch_renorm(x, stats.mean, stats.var, 2.0, 1.0, feature_axes, scale, bias)
     # The running statistics are far from the batch's: both clips must be active somewhere.
@@ -61,6 +64,7 @@ def test_limits_one_and_zero_equal_batch_norm():
         def f(x, g, b):
             y, new = fn(x, stats, g, b, training=True, unbiased=True, **kw)
             return jnp.sum(w * y), (y, new)
+
         return jax.jit(jax.grad(f, argnums=(0, 1, 2), has_aux=True))(x, scale, bias)
 
     grads, (y, new) = loss(jn.batch_renorm, r_max=1.0, d_max=0.0)
@@ -90,13 +94,17 @@ def test_gradient_is_r_times_batch_norms():
     scale = jnp.asarray(np.random.default_rng(2).uniform(0.5, 2.0, 5), jnp.float32)
     w = jnp.asarray(data((16, 5), seed=8))
     r_max, d_max = 2.5, 1.5
-    grad = jax.jit(jax.grad(lambda x: jnp.sum(w * jn.batch_renorm(x, stats, scale, training=True, r_max=r_max, d_max=d_max)[0])))(x)
+    grad = jax.jit(
+        jax.grad(lambda x: jnp.sum(w * jn.batch_renorm(x, stats, scale, training=True, r_max=r_max, d_max=d_max)[0]))
+    )(x)
     _, r, d, _, _ = ref.batch_renorm(x, stats.mean, stats.var, r_max, d_max, (1,))
     assert len(np.unique(np.round(r, 4))) > 2, "r should differ across features"
     dx_bn, _, _ = ref.bn_backward(x, w, scale)
     np.testing.assert_allclose(grad, r * dx_bn, atol=3e-5, rtol=1e-4)
     # and w.r.t. scale: sum(dy * x_hat_renorm), with r and d held constant
-    g_scale = jax.jit(jax.grad(lambda g: jnp.sum(w * jn.batch_renorm(x, stats, g, training=True, r_max=r_max, d_max=d_max)[0])))(scale)
+    g_scale = jax.jit(
+        jax.grad(lambda g: jnp.sum(w * jn.batch_renorm(x, stats, g, training=True, r_max=r_max, d_max=d_max)[0]))
+    )(scale)
     y_unit, *_ = ref.batch_renorm(x, stats.mean, stats.var, r_max, d_max, (1,))
     np.testing.assert_allclose(g_scale, (ref.f64(w) * y_unit).sum(0), rtol=1e-4, atol=1e-4)
 
@@ -123,8 +131,14 @@ def test_traced_limits_compile_once_across_the_schedule():
     for t in (0, 10, 20, 30, 50):
         before = stats
         stats, y = step(stats, x, jnp.asarray(t))
-        r_max, d_max = (1.0, 0.0) if t <= 10 else [float(v) for v in jn.renorm_schedule(t, warmup_steps=10, r_max_steps=40, d_max_steps=25)]
-        np.testing.assert_allclose(y, ref.batch_renorm(x, before.mean, before.var, r_max, d_max, (1,))[0], atol=3e-5, rtol=1e-5)
+        r_max, d_max = (
+            (1.0, 0.0)
+            if t <= 10
+            else [float(v) for v in jn.renorm_schedule(t, warmup_steps=10, r_max_steps=40, d_max_steps=25)]
+        )
+        np.testing.assert_allclose(
+            y, ref.batch_renorm(x, before.mean, before.var, r_max, d_max, (1,))[0], atol=3e-5, rtol=1e-5
+        )
     chex.clear_trace_counter()
 
 

@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 import jaxnorm as jn
 import jaxnorm.linen as jnl
 import jaxnorm.nnx as jnx
-from jaxnorm._src.normalize import standardize
+from jaxnorm._src.standardize import standardize
 
 D = 8
 AXIS = "batch"
@@ -100,7 +100,7 @@ def bn_step(x, scale, bias, w, *mask, core=jn.batch_norm, axis_name=AXIS, **kw):
     return y, new.mean, new.var, dx
 
 
-def distribute(mode, step, stats_out=P()):
+def distribute(mode, step, stats_out=P()):  # noqa: B008
     """Wraps a per-device ``step(x, scale, bias, w, *mask)`` for ``mode``; global arrays in and out.
 
     Returns ``run(x, scale, bias, w, *mask) -> (y, mean, var, dx)`` with y and
@@ -261,7 +261,7 @@ def test_flax_averages_per_device_means_and_is_wrong_with_uneven_counts():
                      axis_name=AXIS)(cls, kw)
         xs, ms = x.reshape(D, per, -1), valid.reshape(D, per, 1)
         v = jax.jit(vm.init)(jax.random.key(0), xs, ms)
-        y, upd = jax.jit(lambda v, x, m: vm.apply(v, x, m, mutable=["batch_stats"]))(v, xs, ms)
+        y, upd = jax.jit(lambda v, x, m: vm.apply(v, x, m, mutable=["batch_stats"]))(v, xs, ms)  # noqa: B023
         ys[lib], stats[lib] = y.reshape(x.shape), upd["batch_stats"]["bn"]
     mean = x[valid[:, 0]].astype(np.float64).mean(0)
     var = x[valid[:, 0]].astype(np.float64).var(0)
@@ -326,11 +326,13 @@ def test_axis_index_groups_each_group_equals_its_own_reference(mode, name):
             check(np.asarray(var)[d], want["var"], 1e-6, 1e-5)
 
 
-@pytest.mark.parametrize("groups", [[[0, 1, 2, 3], [4, 5, 6]], [[0, 1, 2, 3], [3, 4, 5, 6, 7]], [[0, 1, 2, 3, 4, 5, 6, 7], []]])
+@pytest.mark.parametrize("groups", [[[0, 1, 2, 3], [4, 5, 6]], [[0, 1, 2, 3], [3, 4, 5, 6, 7]], [[0, 1, 2, 3, 4, 5, 6, 7], []]])  # noqa: E501
 def test_bad_axis_index_groups_are_refused(groups):
     x, w, scale, bias = problem()
     f = distribute("vmap", functools.partial(group_step, groups=groups), stats_out=P(AXIS))
-    with pytest.raises(ValueError, match=r"batch_norm: `axis_index_groups`=.* must split the 8 indices of `axis_name`='batch'"):
+    with pytest.raises(
+        ValueError, match=r"batch_norm: `axis_index_groups`=.* must split the 8 indices of `axis_name`='batch'"
+    ):
         f(x, scale, bias, w)
 
 
@@ -347,8 +349,14 @@ def test_several_mesh_axes_as_one_axis_name():
     mesh = jax.make_mesh((4, 2), ("a", "b"))
     x, w, scale, bias = problem(seed=13)
     names = ("a", "b")
-    f = jax.jit(jax.shard_map(functools.partial(bn_step, axis_name=names), mesh=mesh,
-                              in_specs=(P(names), P(), P(), P(names)), out_specs=(P(names), P(), P(), P(names))))
+    f = jax.jit(
+        jax.shard_map(
+            functools.partial(bn_step, axis_name=names),
+            mesh=mesh,
+            in_specs=(P(names), P(), P(), P(names)),
+            out_specs=(P(names), P(), P(), P(names)),
+        )
+    )
     put = lambda a: jax.device_put(a, NamedSharding(mesh, P(names)))  # noqa: E731
     y, mean, var, dx = f(put(x), scale, bias, put(w))
     want = reference(x, w, scale, bias)
@@ -457,8 +465,18 @@ def test_batch_renorm_with_axis_name_matches_the_reference():
         stats = jn.BatchStats(jnp.asarray(run_mean), jnp.asarray(run_var), jnp.zeros((), jnp.int32))
 
         def local_loss(x):
-            y, new = jn.batch_renorm(x, stats, scale, bias, training=True, r_max=r_max, d_max=d_max,
-                                     momentum=MOMENTUM, axis_name=AXIS, axis_index_groups=None)
+            y, new = jn.batch_renorm(
+                x,
+                stats,
+                scale,
+                bias,
+                training=True,
+                r_max=r_max,
+                d_max=d_max,
+                momentum=MOMENTUM,
+                axis_name=AXIS,
+                axis_index_groups=None,
+            )
             return jnp.sum(y * w), (y, new)
 
         dx, (y, new) = jax.grad(local_loss, has_aux=True)(x)
@@ -500,8 +518,13 @@ def test_moments_with_axis_name_values_and_gradients(mode):
     if mode == "vmap":
         mean, var, dx = jax.jit(jax.vmap(step, axis_name=AXIS))(x.reshape(D, -1, 3), u, v)
     else:
-        f = jax.shard_map(step, mesh=MESH, in_specs=(P(AXIS), P(AXIS), P(AXIS)), out_specs=(P(AXIS),) * 3,
-                          check_vma=mode == "shard_map")
+        f = jax.shard_map(
+            step,
+            mesh=MESH,
+            in_specs=(P(AXIS), P(AXIS), P(AXIS)),
+            out_specs=(P(AXIS),) * 3,
+            check_vma=mode == "shard_map",
+        )
         mean, var, dx = jax.jit(f)(shard(x), shard(u), shard(v))
     mean, var = np.reshape(mean, (D, 3)), np.reshape(var, (D, 3))
     xf = x.astype(np.float64)

@@ -21,5 +21,7 @@ def test_docstring_examples(name):
 
 
 def test_every_public_function_has_an_example():
-    missing = [n for n in jaxnorm.__all__ if callable(getattr(jaxnorm, n)) and ">>>" not in (getattr(jaxnorm, n).__doc__ or "")]
+    missing = [
+        n for n in jaxnorm.__all__ if callable(getattr(jaxnorm, n)) and ">>>" not in (getattr(jaxnorm, n).__doc__ or "")
+    ]
     assert missing in ([], ["BatchStats"]), missing

@@ -48,26 +48,61 @@ def _data(shape, seed):
 
 CASES = {
     # name: (shape, ours(x, scale, bias), plain(x, scale, bias), parameter shape)
-    "layer_norm": ((4, 6), lambda x, s, b: jn.layer_norm(x, s, b, epsilon=1e-5),
-                   lambda x, s, b: _plain(x, (1,), s, b, 1e-5), (6,)),
-    "layer_norm_torch_params": ((3, 4, 5), lambda x, s, b: jn.layer_norm(x, s, b, axis=(1, 2), epsilon=1e-5),
-                                lambda x, s, b: _plain(x, (1, 2), s, b, 1e-5), (4, 5)),
-    "rms_norm": ((4, 6), lambda x, s, b: jn.rms_norm(x, s, epsilon=1e-5) + b,
-                 lambda x, s, b: _plain(x, (1,), s, None, 1e-5, center=False) + b, (6,)),
-    "batch_norm_nhwc": ((4, 3, 2, 5), lambda x, s, b: jn.batch_norm(x, jn.init_batch_stats(5, dtype=x.dtype), s, b, training=True)[0],
-                        lambda x, s, b: _plain(x, (0, 1, 2), s, b, 1e-5), (5,)),
-    "batch_norm_nchw": ((4, 5, 2, 3), lambda x, s, b: jn.batch_norm(
-        x, jn.init_batch_stats(5, dtype=x.dtype), s, b, training=True, axis=1)[0],
-        lambda x, s, b: _plain(x, (0, 2, 3), s.reshape(5, 1, 1), b.reshape(5, 1, 1), 1e-5), (5,)),
-    "group_norm": ((2, 3, 3, 8), lambda x, s, b: jn.group_norm(x, s, b, num_groups=2, epsilon=1e-5),
-                   lambda x, s, b: _gn_plain(x, s, b, 2, 1e-5), (8,)),
-    "group_norm_nchw": ((2, 8, 3, 2), lambda x, s, b: jn.group_norm(x, s, b, num_groups=4, channel_axis=1, epsilon=1e-5),
-                        lambda x, s, b: _gn_plain(x, s, b, 4, 1e-5, channel_axis=1), (8,)),
-    "instance_norm": ((2, 3, 3, 4), lambda x, s, b: jn.instance_norm(x, s, b, epsilon=1e-5),
-                      lambda x, s, b: _gn_plain(x, s, b, 4, 1e-5), (4,)),
-    # Rows of H * W values: the backward that recomputes its statistics (normalize._row_sums).
-    "instance_norm_nchw": ((2, 4, 3, 3), lambda x, s, b: jn.instance_norm(x, s, b, channel_axis=1, epsilon=1e-5),
-                           lambda x, s, b: _gn_plain(x, s, b, 4, 1e-5, channel_axis=1), (4,)),
+    "layer_norm": (
+        (4, 6),
+        lambda x, s, b: jn.layer_norm(x, s, b, epsilon=1e-5),
+        lambda x, s, b: _plain(x, (1,), s, b, 1e-5),
+        (6,),
+    ),
+    "layer_norm_torch_params": (
+        (3, 4, 5),
+        lambda x, s, b: jn.layer_norm(x, s, b, axis=(1, 2), epsilon=1e-5),
+        lambda x, s, b: _plain(x, (1, 2), s, b, 1e-5),
+        (4, 5),
+    ),
+    "rms_norm": (
+        (4, 6),
+        lambda x, s, b: jn.rms_norm(x, s, epsilon=1e-5) + b,
+        lambda x, s, b: _plain(x, (1,), s, None, 1e-5, center=False) + b,
+        (6,),
+    ),
+    "batch_norm_nhwc": (
+        (4, 3, 2, 5),
+        lambda x, s, b: jn.batch_norm(x, jn.init_batch_stats(5, dtype=x.dtype), s, b, training=True)[0],
+        lambda x, s, b: _plain(x, (0, 1, 2), s, b, 1e-5),
+        (5,),
+    ),
+    "batch_norm_nchw": (
+        (4, 5, 2, 3),
+        lambda x, s, b: jn.batch_norm(x, jn.init_batch_stats(5, dtype=x.dtype), s, b, training=True, axis=1)[0],
+        lambda x, s, b: _plain(x, (0, 2, 3), s.reshape(5, 1, 1), b.reshape(5, 1, 1), 1e-5),
+        (5,),
+    ),
+    "group_norm": (
+        (2, 3, 3, 8),
+        lambda x, s, b: jn.group_norm(x, s, b, num_groups=2, epsilon=1e-5),
+        lambda x, s, b: _gn_plain(x, s, b, 2, 1e-5),
+        (8,),
+    ),
+    "group_norm_nchw": (
+        (2, 8, 3, 2),
+        lambda x, s, b: jn.group_norm(x, s, b, num_groups=4, channel_axis=1, epsilon=1e-5),
+        lambda x, s, b: _gn_plain(x, s, b, 4, 1e-5, channel_axis=1),
+        (8,),
+    ),
+    "instance_norm": (
+        (2, 3, 3, 4),
+        lambda x, s, b: jn.instance_norm(x, s, b, epsilon=1e-5),
+        lambda x, s, b: _gn_plain(x, s, b, 4, 1e-5),
+        (4,),
+    ),
+    # Rows of H * W values: the backward that recomputes its statistics (standardize.row_backward).
+    "instance_norm_nchw": (
+        (2, 4, 3, 3),
+        lambda x, s, b: jn.instance_norm(x, s, b, channel_axis=1, epsilon=1e-5),
+        lambda x, s, b: _gn_plain(x, s, b, 4, 1e-5, channel_axis=1),
+        (4,),
+    ),
 }
 
 
@@ -108,7 +143,8 @@ def test_masked_gradients_with_parameters(name, x64):
     elif name == "batch_norm_nhwc":
         mask = jnp.asarray(rng.random(shape[:1] + (1, 1, 1)) > 0.4).at[0].set(True)
         ours = lambda x, s, b: jn.batch_norm(  # noqa: E731
-            x, jn.init_batch_stats(pshape[0], dtype=x.dtype), s, b, training=True, mask=mask)[0]
+            x, jn.init_batch_stats(pshape[0], dtype=x.dtype), s, b, training=True, mask=mask
+        )[0]
         plain = lambda x, s, b: _plain(x, (0, 1, 2), s, b, 1e-5, mask)  # noqa: E731
     else:
         mask = jnp.asarray(rng.random(shape[:3] + (1,)) > 0.3).at[:, 0, 0].set(True)
@@ -121,8 +157,11 @@ def test_masked_gradients_with_parameters(name, x64):
 
     w = jnp.asarray(rng.standard_normal(shape))
     for keep in (mask, True):  # loss ignoring masked outputs, and one reading them
+
         def grads(f, keep=keep):
-            return jax.jit(jax.grad(lambda x, s, b: jnp.sum(jnp.where(keep, f(x, s, b), 0) ** 3 * w), argnums=(0, 1, 2)))(x, scale, bias)
+            return jax.jit(
+                jax.grad(lambda x, s, b: jnp.sum(jnp.where(keep, f(x, s, b), 0) ** 3 * w), argnums=(0, 1, 2))
+            )(x, scale, bias)
 
         for got, want in zip(grads(ours), grads(plain)):
             np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-10)
@@ -130,7 +169,9 @@ def test_masked_gradients_with_parameters(name, x64):
         check_grads(jax.jit(ours), (x, scale, bias), order=2, modes=["rev"], atol=1e-5, rtol=1e-5)
     # NaN at masked positions stays out when the loss ignores them.
     x_bad = jnp.where(jnp.broadcast_to(mask, shape), x, jnp.nan)
-    g = jax.jit(jax.grad(lambda x, s, b: jnp.sum(jnp.where(mask, ours(x, s, b), 0) * w), argnums=(0, 1, 2)))(x_bad, scale, bias)
+    g = jax.jit(jax.grad(lambda x, s, b: jnp.sum(jnp.where(mask, ours(x, s, b), 0) * w), argnums=(0, 1, 2)))(
+        x_bad, scale, bias
+    )
     assert all(bool(jnp.all(jnp.isfinite(v))) for v in g)
 
 
@@ -143,7 +184,9 @@ def test_half_precision_gradients_accumulate_in_float32(dtype):
     x = x32.astype(dtype)
 
     def grads(f, x):
-        return jax.jit(jax.grad(lambda x, s, b: jnp.sum(f(x, s, b).astype(jnp.float32) * w), argnums=(0, 1, 2)))(x, scale, bias)
+        return jax.jit(jax.grad(lambda x, s, b: jnp.sum(f(x, s, b).astype(jnp.float32) * w), argnums=(0, 1, 2)))(
+            x, scale, bias
+        )
 
     got = grads(lambda x, s, b: jn.layer_norm(x, s, b), x)
     want = grads(lambda x, s, b: jn.layer_norm(x, s, b), x.astype(jnp.float32))
@@ -157,7 +200,7 @@ def test_half_precision_gradients_accumulate_in_float32(dtype):
 @pytest.mark.parametrize("axes, center", [((2,), True), ((2,), False), ((1, 2), True), ((0,), True), ((0, 2), True)])
 def test_cotangents_of_the_returned_statistics(axes, center, x64):
     """A loss reading y, the mean and the variance: rows (recomputed statistics) and the saved path."""
-    from jaxnorm._src.normalize import standardize
+    from jaxnorm._src.standardize import standardize
 
     x = _data((5, 6, 3), 8)
     scale = jnp.asarray(np.random.default_rng(9).uniform(0.5, 2.0, (1, 6, 1)))
@@ -165,7 +208,7 @@ def test_cotangents_of_the_returned_statistics(axes, center, x64):
 
     def ours(x, s):
         y, m = standardize(x, axes, epsilon=1e-5, center=center, scale=s)
-        return jnp.sum(jnp.sin(y) * w) + jnp.sum(m.mean ** 2) + jnp.sum(jnp.sqrt(m.var + 1.0))
+        return jnp.sum(jnp.sin(y) * w) + jnp.sum(m.mean**2) + jnp.sum(jnp.sqrt(m.var + 1.0))
 
     def plain(x, s):
         n = np.prod([x.shape[a] for a in axes])
@@ -176,7 +219,7 @@ def test_cotangents_of_the_returned_statistics(axes, center, x64):
             mean = jnp.zeros((1,) * x.ndim)
             var = jnp.sum(x * x, axes, keepdims=True) / n
         y = (x - mean) / jnp.sqrt(var + 1e-5) * s
-        return jnp.sum(jnp.sin(y) * w) + jnp.sum(mean ** 2) + jnp.sum(jnp.sqrt(var + 1.0))
+        return jnp.sum(jnp.sin(y) * w) + jnp.sum(mean**2) + jnp.sum(jnp.sqrt(var + 1.0))
 
     for got, want in zip(jax.grad(ours, (0, 1))(x, scale), jax.grad(plain, (0, 1))(x, scale)):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-10)

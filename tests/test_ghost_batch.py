@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference as ref
 
 import jaxnorm as jn
-import reference as ref
 
 
 def data(shape, seed=0):
@@ -19,7 +19,9 @@ def data(shape, seed=0):
 def ghost_reference(x, k, feature_axes, scale=None, bias=None, mask=None):
     """Algorithm 1 on each consecutive group of k examples, concatenated; the groups' statistics."""
     groups = x.shape[0] // k
-    masks = [None] * groups if mask is None else np.split(np.broadcast_to(mask, (x.shape[0],) + np.shape(mask)[1:]), groups)
+    masks = (
+        [None] * groups if mask is None else np.split(np.broadcast_to(mask, (x.shape[0],) + np.shape(mask)[1:]), groups)
+    )
     out = [ref.bn_train(g, feature_axes, scale, bias, mask=m) for g, m in zip(np.split(x, groups), masks)]
     y = np.concatenate([o[0] for o in out])
     return y, np.stack([o[1] for o in out]), np.stack([o[2] for o in out]), np.stack([o[3] for o in out])
@@ -42,7 +44,9 @@ def test_ghost_batches_equal_per_group_batch_norm(shape, axis, feature_axes, k):
     scale = rng.uniform(0.5, 2.0, fshape).astype(np.float32)
     bias = rng.standard_normal(fshape).astype(np.float32)
     stats = jn.init_batch_stats(fshape)
-    f = jax.jit(lambda x, s: jn.batch_norm(x, s, scale, bias, training=True, axis=axis, momentum=0.8, ghost_batch_size=k))
+    f = jax.jit(
+        lambda x, s: jn.batch_norm(x, s, scale, bias, training=True, axis=axis, momentum=0.8, ghost_batch_size=k)
+    )
     y, new = f(x, stats)
     y_ref, means, variances, _ = ghost_reference(x, k, feature_axes, scale, bias)
     np.testing.assert_allclose(y, y_ref, atol=3e-5, rtol=1e-5)
@@ -56,7 +60,9 @@ def test_ghost_batches_equal_per_group_batch_norm(shape, axis, feature_axes, k):
 def test_unbiased_and_cumulative_average_per_group():
     x = data((12, 3))
     stats = jn.BatchStats(jnp.ones(3), jnp.full(3, 2.0), jnp.asarray(3, jnp.int32))
-    _, new = jax.jit(lambda x: jn.batch_norm(x, stats, training=True, average="cumulative", unbiased=True, ghost_batch_size=3))(x)
+    _, new = jax.jit(
+        lambda x: jn.batch_norm(x, stats, training=True, average="cumulative", unbiased=True, ghost_batch_size=3)
+    )(x)
     _, means, variances, n = ghost_reference(x, 3, (1,))
     np.testing.assert_allclose(new.mean, 1 + (means.mean(0) - 1) / 4, rtol=1e-5)
     np.testing.assert_allclose(new.var, 2 + ((variances * n / (n - 1)).mean(0) - 2) / 4, rtol=1e-5)
@@ -82,14 +88,18 @@ def test_masks_per_group_and_empty_group_left_out():
     mask[6:] = False  # group 2 holds no valid value at all
     x_bad = np.where(mask, x, np.nan).astype(np.float32)
     stats = jn.init_batch_stats(3)
-    y, new = jax.jit(lambda x: jn.batch_norm(x, stats, training=True, momentum=0.5, ghost_batch_size=3, mask=mask))(x_bad)
+    y, new = jax.jit(lambda x: jn.batch_norm(x, stats, training=True, momentum=0.5, ghost_batch_size=3, mask=mask))(
+        x_bad
+    )
     y_ref, means, variances, _ = ghost_reference(x[:6], 3, (2,), mask=mask[:6])
     valid = np.broadcast_to(mask[:6], y_ref.shape)
     np.testing.assert_allclose(np.asarray(y[:6])[valid], y_ref[valid], atol=3e-5, rtol=1e-5)
     # the empty group is left out: the mean over the two groups that have values
     np.testing.assert_allclose(new.mean, 0.5 * means.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(new.var, 0.5 + 0.5 * variances.mean(0), rtol=1e-5)
-    grad = jax.jit(jax.grad(lambda x: jnp.sum(jn.batch_norm(x, stats, training=True, ghost_batch_size=3, mask=mask)[0] * mask)))(x_bad)
+    grad = jax.jit(
+        jax.grad(lambda x: jnp.sum(jn.batch_norm(x, stats, training=True, ghost_batch_size=3, mask=mask)[0] * mask))
+    )(x_bad)
     assert np.all(np.isfinite(np.asarray(grad)[np.broadcast_to(mask, x.shape)]))
 
 
@@ -116,11 +126,23 @@ def test_ghost_batches_under_vmap():
 @pytest.mark.parametrize(
     "shape,kwargs,match",
     [
-        ((10, 3), dict(ghost_batch_size=4), r"batch_norm: `ghost_batch_size`=4 must divide the batch of 10 examples .* \(2, 5, 10\)"),
-        ((8, 3), dict(ghost_batch_size=0), r"batch_norm: `ghost_batch_size` must be a positive Python int or None, got 0"),
+        (
+            (10, 3),
+            dict(ghost_batch_size=4),
+            r"batch_norm: `ghost_batch_size`=4 must divide the batch of 10 examples .* \(2, 5, 10\)",
+        ),
+        (
+            (8, 3),
+            dict(ghost_batch_size=0),
+            r"batch_norm: `ghost_batch_size` must be a positive Python int or None, got 0",
+        ),
         ((8, 3), dict(ghost_batch_size=True), r"`ghost_batch_size` must be a positive Python int or None, got True"),
         ((8, 3), dict(ghost_batch_size=2.0), r"`ghost_batch_size` must be a positive Python int or None, got 2.0"),
-        ((8, 3), dict(ghost_batch_size=1), r"ghost batches of `ghost_batch_size`=1 example\(s\) .* give 1 value per feature"),
+        (
+            (8, 3),
+            dict(ghost_batch_size=1),
+            r"ghost batches of `ghost_batch_size`=1 example\(s\) .* give 1 value per feature",
+        ),
         ((8, 3), dict(ghost_batch_size=2, axis=0), r"axis 0 is a feature axis here"),
         ((8, 3), dict(ghost_batch_size=2, axis_name="batch"), r"cannot be combined with `axis_name`='batch'"),
     ],

@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference as ref
 
 import jaxnorm as jn
-import reference as ref
 
 
 def data(shape, seed=0, loc=0.5):

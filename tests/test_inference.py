@@ -7,10 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import serialization
+from reference import bn_eval, f64
 
 import jaxnorm as jn
 import jaxnorm.linen as jnl
-from reference import bn_eval, f64
 
 RNG = np.random.default_rng(0)
 EPS = 1e-3
@@ -53,7 +53,9 @@ def test_folded_dense_equals_dense_then_eval_batch_norm(with_bias, with_affine, 
     stats, scale, beta = random_bn(4)
     if not with_affine:
         scale = beta = None
-    kernel, bias = transform(lambda w, b, s, g, e: jn.fold_batch_norm(w, b, s, g, e, epsilon=EPS))(w, b, stats, scale, beta)
+    kernel, bias = transform(lambda w, b, s, g, e: jn.fold_batch_norm(w, b, s, g, e, epsilon=EPS))(
+        w, b, stats, scale, beta
+    )
     chex.assert_shape(kernel, (5, 4))
     chex.assert_shape(bias, (4,))
     z = f64(x) @ f64(w) + (0 if b is None else f64(b))
@@ -113,20 +115,53 @@ S4 = jn.init_batch_stats(4)
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda: jn.fold_batch_norm(W, None, jn.init_batch_stats(3)), r"fold_batch_norm: `stats.mean` has shape \(3,\), but `kernel` \(shape \(3, 4\)\) has 4 output features along `feature_axis`=-1"),
-        (lambda: jn.fold_batch_norm(W, jnp.ones(3), S4), r"fold_batch_norm: `bias` has shape \(3,\).*pass a \(4,\) array"),
+        (
+            lambda: jn.fold_batch_norm(W, None, jn.init_batch_stats(3)),
+            r"fold_batch_norm: `stats.mean` has shape \(3,\), but `kernel` \(shape \(3, 4\)\) has 4 output features along `feature_axis`=-1",  # noqa: E501
+        ),
+        (
+            lambda: jn.fold_batch_norm(W, jnp.ones(3), S4),
+            r"fold_batch_norm: `bias` has shape \(3,\).*pass a \(4,\) array",
+        ),
         (lambda: jn.fold_batch_norm(W, None, S4, jnp.ones((4, 1))), r"fold_batch_norm: `scale` has shape \(4, 1\)"),
         (lambda: jn.fold_batch_norm(W, None, S4, None, jnp.ones(2)), r"fold_batch_norm: `bn_bias` has shape \(2,\)"),
-        (lambda: jn.fold_batch_norm(W, None, S4, feature_axis=2), r"fold_batch_norm: `feature_axis`=2 is not an axis of `kernel` \(shape \(3, 4\)\); pass an int in \[-2, 1\]"),
-        (lambda: jn.fold_batch_norm(W, None, S4, feature_axis=(0,)), r"fold_batch_norm: `feature_axis`=\(0,\) is not an axis"),
+        (
+            lambda: jn.fold_batch_norm(W, None, S4, feature_axis=2),
+            r"fold_batch_norm: `feature_axis`=2 is not an axis of `kernel` \(shape \(3, 4\)\); pass an int in \[-2, 1\]",  # noqa: E501
+        ),
+        (
+            lambda: jn.fold_batch_norm(W, None, S4, feature_axis=(0,)),
+            r"fold_batch_norm: `feature_axis`=\(0,\) is not an axis",
+        ),
         (lambda: jn.fold_batch_norm(jnp.ones(()), None, S4), r"fold_batch_norm: `kernel` must have at least one axis"),
-        (lambda: jn.fold_batch_norm(jnp.ones((3, 4), jnp.int32), None, S4), r"fold_batch_norm: `kernel` must have a real floating dtype, got int32"),
-        (lambda: jn.fold_batch_norm(W, None, (1, 2)), r"fold_batch_norm: `stats` must be a jn.BatchStats or a mapping with 'mean' and 'var', got tuple"),
-        (lambda: jn.fold_batch_norms({"batch_stats": {}}, {}), r"fold_batch_norms: `variables` has no 'params' collection"),
-        (lambda: jn.fold_batch_norms({"params": {}}, [("a",)]), r"fold_batch_norms: each entry of `pairs` must be \(layer_path, bn_path\)"),
-        (lambda: jn.fold_batch_norms({"params": {}}, [("a", "b"), ("a", "c")]), r"fold_batch_norms: `pairs` names the layer a more than once"),
-        (lambda: jn.fold_batch_norms({"params": {"Dense_0": {"kernel": W}}}, {"Dense_1": "BatchNorm_0"}), r"fold_batch_norms: `pairs` names the layer 'Dense_1', but `variables\['params'\]` has no Dense/Conv `kernel` there"),
-        (lambda: jn.fold_batch_norms({"params": {"Dense_0": {"kernel": W}}}, {"Dense_0": "B/BatchNorm_0"}), r"fold_batch_norms: `pairs` names the batch norm 'B/BatchNorm_0', but `variables\['batch_stats'\]` has no 'mean' and 'var' there"),
+        (
+            lambda: jn.fold_batch_norm(jnp.ones((3, 4), jnp.int32), None, S4),
+            r"fold_batch_norm: `kernel` must have a real floating dtype, got int32",
+        ),
+        (
+            lambda: jn.fold_batch_norm(W, None, (1, 2)),
+            r"fold_batch_norm: `stats` must be a jn.BatchStats or a mapping with 'mean' and 'var', got tuple",
+        ),
+        (
+            lambda: jn.fold_batch_norms({"batch_stats": {}}, {}),
+            r"fold_batch_norms: `variables` has no 'params' collection",
+        ),
+        (
+            lambda: jn.fold_batch_norms({"params": {}}, [("a",)]),
+            r"fold_batch_norms: each entry of `pairs` must be \(layer_path, bn_path\)",
+        ),
+        (
+            lambda: jn.fold_batch_norms({"params": {}}, [("a", "b"), ("a", "c")]),
+            r"fold_batch_norms: `pairs` names the layer a more than once",
+        ),
+        (
+            lambda: jn.fold_batch_norms({"params": {"Dense_0": {"kernel": W}}}, {"Dense_1": "BatchNorm_0"}),
+            r"fold_batch_norms: `pairs` names the layer 'Dense_1', but `variables\['params'\]` has no Dense/Conv `kernel` there",  # noqa: E501
+        ),
+        (
+            lambda: jn.fold_batch_norms({"params": {"Dense_0": {"kernel": W}}}, {"Dense_0": "B/BatchNorm_0"}),
+            r"fold_batch_norms: `pairs` names the batch norm 'B/BatchNorm_0', but `variables\['batch_stats'\]` has no 'mean' and 'var' there",  # noqa: E501
+        ),
     ],
 )
 def test_bad_fold_arguments_raise_value_error(call, match):
@@ -207,7 +242,9 @@ def test_folded_linen_model_equals_original_in_eval_mode(trained):
 def test_explicit_pairs_with_string_paths(trained):
     variables, x = trained
     pairs = {"Conv_0": "BatchNorm_0", "Block_0/Conv_0": "Block_0/BatchNorm_0", "Dense_0": "BatchNorm_1"}
-    by_hand = jnl.fold_batch_norms(variables, [(k, v, 1e-5 if k.startswith("Block") else 1e-3) for k, v in pairs.items()])
+    by_hand = jnl.fold_batch_norms(
+        variables, [(k, v, 1e-5 if k.startswith("Block") else 1e-3) for k, v in pairs.items()]
+    )
     found = jnl.fold_batch_norms(variables, jnl.batch_norm_pairs(Net(), variables, x))
     chex.assert_trees_all_close(by_hand, found)
 
@@ -246,8 +283,14 @@ class SharedOutput(nn.Module):
     "model,match",
     [
         (BnFirst(), r"cannot fold the batch norm 'BatchNorm_0': its input is not the output of a flax Dense or Conv"),
-        (BadOrder(act=True), r"its input is not the output of a flax Dense or Conv \(the batch norm comes before the layer, or something sits in between\)"),
-        (BadOrder(axis=1), r"cannot fold the batch norm 'BatchNorm_0': it normalizes axis 1 of its input \(shape \(2, 5, 5, 4\)\), not the last axis"),
+        (
+            BadOrder(act=True),
+            r"its input is not the output of a flax Dense or Conv \(the batch norm comes before the layer, or something sits in between\)",  # noqa: E501
+        ),
+        (
+            BadOrder(axis=1),
+            r"cannot fold the batch norm 'BatchNorm_0': it normalizes axis 1 of its input \(shape \(2, 5, 5, 4\)\), not the last axis",  # noqa: E501
+        ),
         (BadOrder(reuse=True), r"the layer 'Conv_0' before it is called more than once"),
         (SharedOutput(), r"the output of 'Dense_0' is also the input of Dense_1"),
     ],
@@ -289,8 +332,10 @@ def test_flax_batch_norm_is_folded_too():
 
     x = jnp.asarray(RNG.normal(size=(4, 2)), jnp.float32)
     variables = {
-        "params": {"Dense_0": {"kernel": jnp.asarray(RNG.normal(size=(2, 3)), jnp.float32)},
-                   "BatchNorm_0": {"scale": jnp.full(3, 1.5), "bias": jnp.ones(3)}},
+        "params": {
+            "Dense_0": {"kernel": jnp.asarray(RNG.normal(size=(2, 3)), jnp.float32)},
+            "BatchNorm_0": {"scale": jnp.full(3, 1.5), "bias": jnp.ones(3)},
+        },
         "batch_stats": {"BatchNorm_0": {"mean": jnp.ones(3), "var": jnp.full(3, 2.0)}},
     }
     folded = jnl.fold_batch_norms(variables, jnl.batch_norm_pairs(FlaxNet(), variables, x))

@@ -93,8 +93,15 @@ def test_cumulative_from_fresh_statistics_matches_momentum_none():
 
 def test_reverse_conversion_loads_into_torch_and_matches():
     rng = np.random.default_rng(0)
-    params = {"scale": jnp.asarray(rng.uniform(0.5, 2, 3), jnp.float32), "bias": jnp.asarray(rng.normal(size=3), jnp.float32)}
-    stats = jn.BatchStats(jnp.asarray(rng.normal(size=3), jnp.float32), jnp.asarray(rng.uniform(0.5, 3, 3), jnp.float32), jnp.asarray(11, jnp.int32))
+    params = {
+        "scale": jnp.asarray(rng.uniform(0.5, 2, 3), jnp.float32),
+        "bias": jnp.asarray(rng.normal(size=3), jnp.float32),
+    }
+    stats = jn.BatchStats(
+        jnp.asarray(rng.normal(size=3), jnp.float32),
+        jnp.asarray(rng.uniform(0.5, 3, 3), jnp.float32),
+        jnp.asarray(11, jnp.int32),
+    )
     sd = ji.batch_norm_to_torch(params, stats)
     assert all(isinstance(v, np.ndarray) for v in sd.values())
     bn = torch.nn.BatchNorm2d(3)
@@ -104,7 +111,9 @@ def test_reverse_conversion_loads_into_torch_and_matches():
     x = batches(1, seed=5)[0]
     with torch.no_grad():
         want = t2n(bn.eval()(x))
-    assert_close("BatchNorm2d eval (jaxnorm -> torch)", eval_bn(t2n(x), stats, params["scale"], params["bias"]), want, 2e-5)
+    assert_close(
+        "BatchNorm2d eval (jaxnorm -> torch)", eval_bn(t2n(x), stats, params["scale"], params["bias"]), want, 2e-5
+    )
     # as_tensor=, a prefix, and linen-style mappings for params and statistics
     model = torch.nn.Sequential(torch.nn.Identity(), torch.nn.BatchNorm2d(3))
     linen_stats = {"mean": stats.mean, "var": stats.var, "count": stats.count}
@@ -137,7 +146,9 @@ def test_batch_norm_of_a_full_model_by_prefix_folds_into_the_torch_conv():
     model.eval()
     sd = model.state_dict()
     params, stats = ji.batch_norm_from_torch(sd, prefix="1")
-    kernel, bias = jn.fold_batch_norm(sd["0.weight"].numpy(), None, stats, params["scale"], params["bias"], feature_axis=0)
+    kernel, bias = jn.fold_batch_norm(
+        sd["0.weight"].numpy(), None, stats, params["scale"], params["bias"], feature_axis=0
+    )
     x = batches(1, seed=9)[0]
     with torch.no_grad():
         want = t2n(model(x))
@@ -154,12 +165,24 @@ def affine(layer, seed):
 
 
 PER_EXAMPLE = {
-    "GroupNorm": (lambda: torch.nn.GroupNorm(2, 4), ji.group_norm_from_torch, ji.group_norm_to_torch,
-                  lambda x, p: jn.group_norm(x, p["scale"], p["bias"], num_groups=2, channel_axis=1, epsilon=1e-5)),
-    "InstanceNorm2d": (lambda: torch.nn.InstanceNorm2d(4, affine=True), ji.instance_norm_from_torch, ji.instance_norm_to_torch,
-                       lambda x, p: jn.instance_norm(x, p["scale"], p["bias"], channel_axis=1, epsilon=1e-5)),
-    "LayerNorm": (lambda: torch.nn.LayerNorm((4, 5, 5)), ji.layer_norm_from_torch, ji.layer_norm_to_torch,
-                  lambda x, p: jn.layer_norm(x, p["scale"], p["bias"], axis=(1, 2, 3), epsilon=1e-5)),
+    "GroupNorm": (
+        lambda: torch.nn.GroupNorm(2, 4),
+        ji.group_norm_from_torch,
+        ji.group_norm_to_torch,
+        lambda x, p: jn.group_norm(x, p["scale"], p["bias"], num_groups=2, channel_axis=1, epsilon=1e-5),
+    ),
+    "InstanceNorm2d": (
+        lambda: torch.nn.InstanceNorm2d(4, affine=True),
+        ji.instance_norm_from_torch,
+        ji.instance_norm_to_torch,
+        lambda x, p: jn.instance_norm(x, p["scale"], p["bias"], channel_axis=1, epsilon=1e-5),
+    ),
+    "LayerNorm": (
+        lambda: torch.nn.LayerNorm((4, 5, 5)),
+        ji.layer_norm_from_torch,
+        ji.layer_norm_to_torch,
+        lambda x, p: jn.layer_norm(x, p["scale"], p["bias"], axis=(1, 2, 3), epsilon=1e-5),
+    ),
 }
 
 
@@ -196,11 +219,25 @@ def test_momentum_conversions():
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda: ji.momentum_from_torch(None), r"momentum_from_torch: `momentum`=None is PyTorch's cumulative average.*average='cumulative'"),
+        (
+            lambda: ji.momentum_from_torch(None),
+            r"momentum_from_torch: `momentum`=None is PyTorch's cumulative average.*average='cumulative'",
+        ),
         (lambda: ji.momentum_to_torch(1.5), r"momentum_to_torch: `momentum`=1.5 must be a number in \[0, 1\]"),
-        (lambda: ji.batch_norm_from_torch({"0.weight": np.ones(2), "1.running_mean": np.zeros(2)}), r"batch_norm_from_torch: `state_dict` \(2 keys\) has none of weight, bias, .* under `prefix`='' \(layers that have them: '0', '1'\); pass the layer's name as `prefix=`, e.g. `prefix='0'`"),
-        (lambda: ji.layer_norm_from_torch({"ln.weight": np.ones(2)}, prefix="bn"), r"layer_norm_from_torch: `state_dict` \(1 keys\) has none of bn.weight"),
-        (lambda: ji.instance_norm_from_torch(torch.nn.InstanceNorm2d(2, affine=True, track_running_stats=True).state_dict()), r"instance_norm_from_torch: the layer under `prefix`='' keeps running statistics \(track_running_stats=True\)"),
+        (
+            lambda: ji.batch_norm_from_torch({"0.weight": np.ones(2), "1.running_mean": np.zeros(2)}),
+            r"batch_norm_from_torch: `state_dict` \(2 keys\) has none of weight, bias, .* under `prefix`='' \(layers that have them: '0', '1'\); pass the layer's name as `prefix=`, e.g. `prefix='0'`",  # noqa: E501
+        ),
+        (
+            lambda: ji.layer_norm_from_torch({"ln.weight": np.ones(2)}, prefix="bn"),
+            r"layer_norm_from_torch: `state_dict` \(1 keys\) has none of bn.weight",
+        ),
+        (
+            lambda: ji.instance_norm_from_torch(
+                torch.nn.InstanceNorm2d(2, affine=True, track_running_stats=True).state_dict()
+            ),
+            r"instance_norm_from_torch: the layer under `prefix`='' keeps running statistics \(track_running_stats=True\)",  # noqa: E501
+        ),
     ],
 )
 def test_bad_interop_arguments_raise_value_error(call, match):
@@ -213,6 +250,10 @@ def test_interop_does_not_import_torch():
     import pathlib
 
     tree = ast.parse(pathlib.Path(ji.__file__).read_text())
-    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
-                for a in (n.names if isinstance(n, ast.Import) else [type("A", (), {"name": n.module or ""})])}
+    imported = {
+        a.name.split(".")[0]
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Import, ast.ImportFrom))
+        for a in (n.names if isinstance(n, ast.Import) else [type("A", (), {"name": n.module or ""})])
+    }
     assert "torch" not in imported and "flax" not in imported, imported

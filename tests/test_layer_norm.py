@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference as ref
 
 import jaxnorm as jn
-import reference as ref
 
 
 def data(shape, seed=0, loc=0.5):
@@ -65,7 +65,10 @@ def test_layer_norm_gradients_match_float64_autodiff(x64):
         return (x - m) / jnp.sqrt(((x - m) ** 2).mean(-1, keepdims=True) + 1e-6)
 
     np.testing.assert_allclose(
-        jax.grad(lambda x: jnp.sum(jn.layer_norm(x) * dy))(x), jax.grad(lambda x: jnp.sum(plain(x) * dy))(x), rtol=1e-10, atol=1e-12
+        jax.grad(lambda x: jnp.sum(jn.layer_norm(x) * dy))(x),
+        jax.grad(lambda x: jnp.sum(plain(x) * dy))(x),
+        rtol=1e-10,
+        atol=1e-12,
     )
     jax.test_util.check_grads(lambda x: jn.rms_norm(x), (x,), order=2, modes=["rev"])
 

@@ -28,7 +28,9 @@ def test_masked_gradient_includes_masked_outputs(x64):
     mask = (np.arange(5)[None, :] < np.array([5, 2, 4])[:, None])[..., None]
     w = rng.standard_normal(x.shape)
     grad = lambda f: jax.jit(jax.grad(lambda x: jnp.sum(w * f(x))))(x)  # noqa: E731
-    ours = grad(lambda x: jn.batch_norm(x, jn.init_batch_stats(4, dtype=jnp.float64), training=True, mask=mask, epsilon=1e-5)[0])
+    ours = grad(
+        lambda x: jn.batch_norm(x, jn.init_batch_stats(4, dtype=jnp.float64), training=True, mask=mask, epsilon=1e-5)[0]
+    )
     np.testing.assert_allclose(ours, grad(lambda x: _plain(x, mask, (0, 1), 1e-5)), rtol=1e-9, atol=1e-9)
     ours_ln = grad(lambda x: jn.layer_norm(x, mask=mask, axis=(1, 2), epsilon=1e-5))
     np.testing.assert_allclose(ours_ln, grad(lambda x: _plain(x, mask, (1, 2), 1e-5)), rtol=1e-9, atol=1e-9)

@@ -60,7 +60,9 @@ def test_batch_norm_matches_flax_and_reference(layout):
     for x, m in zip(xs, masks):
         y_theirs, y_ours = _call(theirs, x, m), _call(ours, x, m)
         chex.assert_trees_all_close(y_ours, y_theirs, atol=2e-5, rtol=1e-5)
-        chex.assert_trees_all_close((ours.mean[...], ours.var[...]), (theirs.mean[...], theirs.var[...]), atol=1e-5, rtol=1e-5)
+        chex.assert_trees_all_close(
+            (ours.mean[...], ours.var[...]), (theirs.mean[...], theirs.var[...]), atol=1e-5, rtol=1e-5
+        )
         x_hat, bm, bv = ref_standardize(x, red, m, 1e-5)
         y_ref = x_hat * np.reshape(ours.scale[...], where) + np.reshape(ours.bias[...], where)
         assert max_abs(y_ours, y_ref) < 2e-5
@@ -86,7 +88,11 @@ def test_stateless_layers_match_flax_and_reference(layout, name):
     x = make_input(shape, 3)
     mask = None
     if mask_shape is not None:
-        mask = feature_mask(shape, 3) if name in ("LayerNorm", "RMSNorm") else np.broadcast_to(make_mask(mask_shape, 3), shape)
+        mask = (
+            feature_mask(shape, 3)
+            if name in ("LayerNorm", "RMSNorm")
+            else np.broadcast_to(make_mask(mask_shape, 3), shape)
+        )
     theirs = getattr(nnx, name)(c, use_fast_variance=False, rngs=nnx.Rngs(0), **kwargs)
     ours = getattr(jnx, name)(c, rngs=nnx.Rngs(0), **kwargs)
     chex.assert_trees_all_equal(_pure(ours), _pure(theirs))
@@ -143,7 +149,10 @@ def test_train_eval_view_and_call_precedence():
     view = nnx.view(net, use_running_average=True)
     assert view.bn.use_running_average is True and net.bn.use_running_average is False
     bn = jnx.BatchNorm(3, use_running_average=None, rngs=nnx.Rngs(0))
-    with pytest.raises(ValueError, match=r"`use_running_average` was passed neither.*model.eval\(\).*bn\(x, use_running_average=\.\.\.\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"`use_running_average` was passed neither.*model.eval\(\).*bn\(x, use_running_average=\.\.\.\)",
+    ):
         bn(x)
 
 
@@ -180,7 +189,9 @@ def test_cnn_train_step_with_optax_matches_flax():
         opt = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
         losses[lib.__name__] = [float(train_step(model, opt, x, labels)) for _ in range(3)]
         model.eval()
-        losses[lib.__name__].append(float(optax.softmax_cross_entropy_with_integer_labels(nnx.jit(lambda m, x: m(x))(model, x), labels).mean()))
+        losses[lib.__name__].append(
+            float(optax.softmax_cross_entropy_with_integer_labels(nnx.jit(lambda m, x: m(x))(model, x), labels).mean())
+        )
     np.testing.assert_allclose(losses["jaxnorm.nnx"], losses["flax.nnx"], rtol=1e-5)
     assert losses["jaxnorm.nnx"][2] < losses["jaxnorm.nnx"][0]
 

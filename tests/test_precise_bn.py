@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference as ref
 
 import jaxnorm as jn
-import reference as ref
 
 
 def mlp_params(seed=0, d_in=4, d_hidden=6, d_out=3):
@@ -27,8 +27,12 @@ def batches(n=5, size=8, d_in=4, seed=1):
 
 def forward(params, stats, x, *, training, unbiased=False):
     """dense -> batch_norm -> relu -> dense -> batch_renorm (the paper's limits)."""
-    h, s1 = jn.batch_norm(x @ params["w1"], stats["bn"], params["g1"], params["b1"], training=training, unbiased=unbiased)
-    y, s2 = jn.batch_renorm(jax.nn.relu(h) @ params["w2"], stats["brn"], training=training, r_max=3.0, d_max=5.0, unbiased=unbiased)
+    h, s1 = jn.batch_norm(
+        x @ params["w1"], stats["bn"], params["g1"], params["b1"], training=training, unbiased=unbiased
+    )
+    y, s2 = jn.batch_renorm(
+        jax.nn.relu(h) @ params["w2"], stats["brn"], training=training, r_max=3.0, d_max=5.0, unbiased=unbiased
+    )
     return y, {"bn": s1, "brn": s2}
 
 
@@ -103,14 +107,14 @@ def test_errors():
         jn.recalibrate(update, fresh(), [])
     with pytest.raises(ValueError, match=r"recalibrate: found no jaxnorm batch-norm statistics"):
         jn.recalibrate(lambda s, x: s, {"w": jnp.ones(3)}, xs)
-    with pytest.raises(ValueError, match=r"recalibrate: `update` is already wrapped in jax.jit"):
-        jn.recalibrate(jax.jit(update), fresh(), xs)
+    # a jitted update is fine: the policy travels in the statistics' type, so it retraces
+    chex.assert_trees_all_close(jn.recalibrate(jax.jit(update), fresh(), xs), jn.recalibrate(update, fresh(), xs))
     with pytest.raises(ValueError, match=r"recalibrate: no jaxnorm batch-norm layer folded a batch"):
         jn.recalibrate(lambda s, x: forward(params, s, x, training=False)[1], fresh(), xs)
 
 
 def test_outside_recalibration_the_layers_are_unchanged():
-    """The switch is scoped: the same update traced afterwards uses the layers' own policy."""
+    """No ambient state: the same update traced afterwards with plain BatchStats uses the layers' own policy."""
     params, xs = mlp_params(), batches(n=2)
     update = lambda s, x: forward(params, s, x, training=True)[1]  # noqa: E731
     jn.recalibrate(update, fresh(), xs)
@@ -134,11 +138,11 @@ def test_stacked_statistics_of_an_ensemble():
         np.testing.assert_allclose(out.mean[member], means, rtol=2e-5, atol=2e-5)
     np.testing.assert_array_equal(out.count, [3, 3])
     # a member that folded nothing keeps its old statistics
-    from jaxnorm._src import precise_bn
+    from jaxnorm._src import recalibration
 
     old = jn.BatchStats(jnp.ones((2, 6)), jnp.ones((2, 6)), jnp.asarray([7, 7], jnp.int32))
     new = out._replace(count=jnp.asarray([0, 3], jnp.int32))
-    kept, folded = precise_bn.finish(old, new)
+    kept, folded = recalibration.finish(old, new)
     np.testing.assert_array_equal(kept.mean[0], 1.0)
     np.testing.assert_allclose(kept.mean[1], out.mean[1])
     np.testing.assert_array_equal(kept.count, [7, 3])

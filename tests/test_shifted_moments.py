@@ -3,9 +3,9 @@
 import jax
 import numpy as np
 import pytest
+import reference as ref
 
 import jaxnorm as jn
-import reference as ref
 
 
 @pytest.mark.parametrize("first", [0.0, 1e4 + 5.0, -3e4])

@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference as ref
 from flax import nnx
 
 import jaxnorm as jn
 import jaxnorm.linen as jnl
 import jaxnorm.nnx as jnx
-import reference as ref
 
 
 def data(shape, seed=0, loc=1.5, spread=3.0):
@@ -51,10 +51,15 @@ def test_linen_batch_renorm_training_eval_and_schedule():
     chex.clear_trace_counter()
     # fields give the limits when the call does not
     y, _ = jnl.BatchRenorm(r_max=2.0, d_max=1.0).apply(variables, x, use_running_average=False, mutable=["batch_stats"])
-    np.testing.assert_allclose(y, ref.batch_renorm(x, STATS["mean"], STATS["var"], 2.0, 1.0, (1,))[0], atol=3e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        y, ref.batch_renorm(x, STATS["mean"], STATS["var"], 2.0, 1.0, (1,))[0], atol=3e-5, rtol=1e-5
+    )
     y = layer.apply(variables, x, use_running_average=True)
     np.testing.assert_allclose(y, ref.bn_eval(x, STATS["mean"], STATS["var"], (1,)), atol=3e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match=r"jaxnorm.linen.BatchRenorm: `use_running_average` was passed both .* `BatchRenorm\(use_running_average=...\)`"):
+    with pytest.raises(
+        ValueError,
+        match=r"jaxnorm.linen.BatchRenorm: `use_running_average` was passed both .* `BatchRenorm\(use_running_average=...\)`",  # noqa: E501
+    ):
         jnl.BatchRenorm(use_running_average=True).apply(variables, x, use_running_average=False)
     with pytest.raises(ValueError, match=r"batch_renorm: `r_max` must be >= 1"):
         layer.apply(variables, x, use_running_average=False, r_max=0.5, mutable=["batch_stats"])
@@ -86,7 +91,9 @@ def test_nnx_batch_renorm_training_eval_and_schedule():
     # attributes give the limits when the call does not
     brn = jnx.BatchRenorm(3, r_max=2.0, d_max=1.0, rngs=nnx.Rngs(0))
     brn.mean[...], brn.var[...] = STATS["mean"], STATS["var"]
-    np.testing.assert_allclose(brn(x), ref.batch_renorm(x, STATS["mean"], STATS["var"], 2.0, 1.0, (1,))[0], atol=3e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        brn(x), ref.batch_renorm(x, STATS["mean"], STATS["var"], 2.0, 1.0, (1,))[0], atol=3e-5, rtol=1e-5
+    )
 
 
 # ---------------------------------------------------------------- PreciseBN
@@ -129,8 +136,14 @@ def test_linen_recalibrate_two_layer_mlp():
     assert TRACES["linen"] == 1, "the per-batch step is traced once"
     p = variables["params"]
     m1, v1, m2, v2 = reference_statistics(
-        p["Dense_0"]["kernel"], p["Dense_0"]["bias"], p["BatchNorm_0"]["scale"], p["BatchNorm_0"]["bias"],
-        p["Dense_1"]["kernel"], p["Dense_1"]["bias"], xs, unbiased1=True,
+        p["Dense_0"]["kernel"],
+        p["Dense_0"]["bias"],
+        p["BatchNorm_0"]["scale"],
+        p["BatchNorm_0"]["bias"],
+        p["Dense_1"]["kernel"],
+        p["Dense_1"]["bias"],
+        xs,
+        unbiased1=True,
     )
     bs = out["batch_stats"]
     np.testing.assert_allclose(bs["BatchNorm_0"]["mean"], m1, rtol=2e-5, atol=2e-5)
@@ -141,7 +154,10 @@ def test_linen_recalibrate_two_layer_mlp():
     chex.assert_trees_all_equal(bs["BatchNorm_1"], old["BatchNorm_1"])  # flax's layer keeps its state
     assert out["params"] is variables["params"]
     # evaluated layers are left alone, and a pass that trains nothing is an error
-    with pytest.raises(ValueError, match=r"jaxnorm.linen.recalibrate: no jaxnorm batch-norm layer folded a batch, so no statistics were recalibrated; pass .* `train=True`"):
+    with pytest.raises(
+        ValueError,
+        match=r"jaxnorm.linen.recalibrate: no jaxnorm batch-norm layer folded a batch, so no statistics were recalibrated; pass .* `train=True`",  # noqa: E501
+    ):
         jnl.recalibrate(model, variables, xs, train=False)
     with pytest.raises(ValueError, match=r"jaxnorm.linen.recalibrate: `variables` has no 'batch_stats'"):
         jnl.recalibrate(model, {"params": p}, xs, train=True)
@@ -176,8 +192,14 @@ def test_nnx_recalibrate_in_place(mode):
     jnx.recalibrate(model, xs)
     assert TRACES["nnx"] == 1, "the per-batch step is traced once"
     m1, v1, m2, v2 = reference_statistics(
-        model.dense1.kernel[...], model.dense1.bias[...], model.bn.scale[...], model.bn.bias[...],
-        model.dense2.kernel[...], model.dense2.bias[...], xs, unbiased1=True,
+        model.dense1.kernel[...],
+        model.dense1.bias[...],
+        model.bn.scale[...],
+        model.bn.bias[...],
+        model.dense2.kernel[...],
+        model.dense2.bias[...],
+        xs,
+        unbiased1=True,
     )
     np.testing.assert_allclose(model.bn.mean[...], m1, rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(model.bn.var[...], v1, rtol=2e-5)

@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference as ref
 
 import jaxnorm as jn
-import reference as ref
 
 
 @pytest.mark.parametrize("shape,axes", [((7, 3), 0), ((4, 5, 6), (0, 2)), ((2, 3, 4, 5), (1, 2, 3)), ((6,), -1)])

@@ -1,1 +1,14 @@
-"""Implementation modules of jaxnorm; import the public names from ``jaxnorm``."""
+"""jaxnorm's functional core: one concept per module, importing only jax, numpy and each other (never flax).
+
+Dependency order (each module imports only modules above it):
+
+    checks, axes, lowering          validators; axes and layouts; XLA:CPU workarounds per lowering platform
+    state                           BatchStats, RecalibrationStats, update rules, the one reset
+    collectives                     cross-device merge, grouped sums, shard_map typing
+    moments                         shifted, masked moments (public: moments)
+    standardize                     the fused op and its custom derivative (forward, backward, one decoration)
+    normalize                       the inference-time affine map
+    batch_norm, batch_renorm, layer_norm, group_norm    one norm family each
+    folding, recalibration, torch   inference tools and PyTorch conversion
+    flax_common                     what the linen and NNX layers share (no flax import)
+"""

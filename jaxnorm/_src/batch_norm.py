@@ -24,144 +24,138 @@ path: :func:`batch_view` sees ``x`` as ``(G, N // G, ...)`` (G = 1 without ghost
 batches, a free reshape), :func:`batch_standardize` normalizes each group with
 its own statistics, and :func:`fold_batch` folds the mean of the groups'
 statistics into the state. :mod:`batch_renorm` reuses all three.
+
+Where the rest lives: the state and its update rules in :mod:`state`, the
+layout of ``axis`` in :mod:`axes`, the fused normalization and its derivative
+in :mod:`standardize`, the evaluation map in :mod:`normalize`. The checks here
+(:func:`check_stats_shape`, :func:`check_enough_values`,
+:func:`check_ghost_batch_size`) have batch norm and batch renorm as their only
+callers.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxnorm._src import errors, precise_bn
-from jaxnorm._src.normalize import normalize, standardize
-from jaxnorm._src.stats import Moments
+from jaxnorm._src.axes import Layout, layout
+from jaxnorm._src.checks import (
+    check_axis_index_groups,
+    check_choice,
+    check_epsilon,
+    check_floating,
+    check_mask,
+    check_param_shape,
+    check_static_bool,
+)
+from jaxnorm._src.moments import Moments
+from jaxnorm._src.normalize import normalize
+from jaxnorm._src.standardize import standardize
+from jaxnorm._src.state import AVERAGES, BatchStats, unbias, update_stats
 
 Array = jax.Array
 
-AVERAGES = ("ema", "cumulative")
+
+def check_stats_shape(
+    fn: str, stats: BatchStats, feature_shape: tuple[int, ...], x_shape: tuple[int, ...], axis: Any
+) -> BatchStats:
+    """Returns ``stats``; raises unless its mean and var have the feature shape kept by ``axis``."""
+    for field in ("mean", "var"):
+        got = tuple(np.shape(getattr(stats, field)))
+        if got != tuple(feature_shape):
+            raise ValueError(
+                f"{fn}: `stats.{field}` has shape {got}, but `x` of shape {tuple(x_shape)} "
+                f"with `axis`={axis!r} keeps features of shape {tuple(feature_shape)}; "
+                f"create the state with `jn.init_batch_stats({tuple(feature_shape)})` "
+                f"or pass the `axis` the state was made for."
+            )
+    return stats
 
 
-class BatchStats(NamedTuple):
-    """Running statistics of batch norm: a pytree that works under jit, vmap and scan.
+def check_enough_values(fn: str, per_feature: int, x_shape: tuple[int, ...], axis: Any) -> int:
+    """Returns ``per_feature``; raises below 2 (training would return only the bias)."""
+    if per_feature < 2:
+        raise ValueError(
+            f"{fn}: training needs more than one value per feature to estimate a "
+            f"variance, but `x` of shape {tuple(x_shape)} with `axis`={axis!r} has "
+            f"{per_feature}; use a batch of at least 2, evaluate with "
+            f"`training=False`, or use layer_norm/group_norm for batch size 1."
+        )
+    return per_feature
 
-    Attributes:
-      mean: feature shape, float32: running mean.
-      var: feature shape, float32: running variance.
-      count: (), int32: batches accumulated; saturates at the dtype's maximum.
+
+def check_ghost_batch_size(
+    fn: str,
+    ghost_batch_size: Any,
+    x_shape: tuple[int, ...] | None = None,
+    feature_axes: tuple[int, ...] = (),
+    per_example: int = 1,
+    axis_name: Any = None,
+) -> int | None:
+    """Checks ``ghost_batch_size`` (always its type; with ``x_shape``, also against ``x``).
+
+    Ghost batches split axis 0 into consecutive groups of ``ghost_batch_size``
+    examples, so axis 0 must be a reduced (batch) axis, the size must divide it,
+    and each group must hold two or more values per feature.
     """
-
-    mean: Array
-    var: Array
-    count: Array
-
-
-def init_batch_stats(feature_shape: int | tuple[int, ...], *, dtype: Any = jnp.float32) -> BatchStats:
-    """Fresh running statistics: mean 0, var 1, count 0.
-
-    Evaluating before any training step is safe: it returns ``x / sqrt(1 + eps)``
-    (times scale, plus bias).
-
-    Args:
-      feature_shape: shape of the kept feature axes, e.g. ``(C,)`` or ``C``.
-      dtype: dtype of ``mean`` and ``var``.
-
-    Returns:
-      :class:`BatchStats`.
-
-    Example:
-      >>> import jaxnorm as jn
-      >>> stats = jn.init_batch_stats(4)
-      >>> stats.mean.shape, int(stats.count)
-      ((4,), 0)
-    """
-    shape = (feature_shape,) if isinstance(feature_shape, int) else tuple(feature_shape)
-    return BatchStats(jnp.zeros(shape, dtype), jnp.ones(shape, dtype), jnp.zeros((), jnp.int32))
-
-
-class Layout(NamedTuple):
-    """Where the features of ``x`` are, for a given ``axis``."""
-
-    feature_axes: tuple[int, ...]
-    reduction_axes: tuple[int, ...]
-    feature_shape: tuple[int, ...]
-    broadcast_shape: tuple[int, ...]  # x's rank, 1 on reduced axes
-    values_per_feature: int
-
-
-def layout(fn: str, x: Array, axis: Any) -> Layout:
-    """Splits x's axes into kept feature axes (``axis``) and reduced ones."""
-    feature_axes = errors.canonical_axes(fn, "axis", axis, x.shape)
-    reduction_axes = tuple(a for a in range(x.ndim) if a not in feature_axes)
-    feature_shape = tuple(x.shape[a] for a in feature_axes)
-    broadcast_shape = tuple(x.shape[a] if a in feature_axes else 1 for a in range(x.ndim))
-    per_feature = math.prod(x.shape[a] for a in reduction_axes)
-    return Layout(feature_axes, reduction_axes, feature_shape, broadcast_shape, per_feature)
+    k = ghost_batch_size
+    if k is None:
+        return None
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(
+            f"{fn}: `ghost_batch_size` must be a positive Python int or None, got {k!r}; "
+            f"pass e.g. `ghost_batch_size=16`."
+        )
+    k = int(k)
+    if x_shape is None:
+        return k
+    if axis_name is not None:
+        raise ValueError(
+            f"{fn}: `ghost_batch_size`={k} cannot be combined with `axis_name`={axis_name!r}: "
+            f"ghost batches are local to one device by definition; drop `axis_name` (each "
+            f"device then normalizes its own ghost batches) or drop `ghost_batch_size`."
+        )
+    if 0 in feature_axes:
+        raise ValueError(
+            f"{fn}: `ghost_batch_size`={k} splits axis 0 of `x` (shape {tuple(x_shape)}) "
+            f"into ghost batches, but axis 0 is a feature axis here; put the batch first "
+            f"or leave `ghost_batch_size=None`."
+        )
+    n = x_shape[0]
+    if n % k:
+        divisors = ", ".join(str(d) for d in range(2, n + 1) if n % d == 0)
+        raise ValueError(
+            f"{fn}: `ghost_batch_size`={k} must divide the batch of {n} examples (axis 0 "
+            f"of `x`, shape {tuple(x_shape)}); pass a divisor of {n} ({divisors}) or pad "
+            f"the batch to a multiple of {k}."
+        )
+    if k * per_example < 2:
+        raise ValueError(
+            f"{fn}: ghost batches of `ghost_batch_size`={k} example(s) of `x` (shape "
+            f"{tuple(x_shape)}) give {k * per_example} value per feature, too few to "
+            f"estimate a variance; use `ghost_batch_size` >= 2."
+        )
+    return k
 
 
-def check_inputs(fn: str, x: Any, stats: BatchStats, scale: Any, bias: Any, axis: Any, mask: Any) -> tuple[Array, Layout, Array | None]:
+def check_inputs(
+    fn: str, x: Any, stats: BatchStats, scale: Any, bias: Any, axis: Any, mask: Any
+) -> tuple[Array, Layout, Array | None]:
     """The checks shared by batch_norm and batch_renorm; returns x, its layout and the mask."""
-    errors.check_floating(fn, x)
-    x = jnp.asarray(x)
-    lay = layout(fn, x, axis)
-    errors.check_stats_shape(fn, stats, lay.feature_shape, x.shape, axis)
-    errors.check_param_shape(fn, "scale", scale, [lay.feature_shape], x.shape)
-    errors.check_param_shape(fn, "bias", bias, [lay.feature_shape], x.shape)
-    mask = errors.check_mask(fn, mask, x.shape)
+    x = jnp.asarray(check_floating(fn, x))
+    lay = layout(fn, x.shape, axis)
+    check_stats_shape(fn, stats, lay.feature_shape, x.shape, axis)
+    check_param_shape(fn, "scale", scale, [lay.feature_shape], x.shape)
+    check_param_shape(fn, "bias", bias, [lay.feature_shape], x.shape)
+    mask = check_mask(fn, mask, x.shape)
     return x, lay, mask
 
 
 def as_broadcast(value: Array | None, lay: Layout) -> Array | None:
     return None if value is None else jnp.reshape(value, lay.broadcast_shape)
-
-
-def unbias(var: Array, count: Array) -> Array:
-    """``m/(m-1)`` times a biased variance of ``m`` values (Bessel; unchanged for m <= 1)."""
-    return var * count / jnp.maximum(count - 1, 1)
-
-
-def update_stats(
-    stats: BatchStats,
-    batch_mean: Array,
-    batch_var: Array,
-    batch_count: Array,
-    *,
-    momentum: Any,
-    average: str,
-    unbiased: bool,
-) -> BatchStats:
-    """Folds one batch's statistics (feature shape) into the running ones.
-
-    Args:
-      stats: running statistics.
-      batch_mean, batch_var: the batch's mean and biased variance, feature shape.
-      batch_count: values behind each statistic (broadcasts to feature shape).
-      momentum: weight on the old value for ``average="ema"``.
-      average: ``"ema"`` or ``"cumulative"``.
-      unbiased: fold ``m/(m-1)`` times the batch variance.
-
-    Returns:
-      New :class:`BatchStats`, in the dtypes of ``stats``; unchanged when the
-      batch has a non-finite statistic or a feature without valid values.
-    """
-    if unbiased:
-        batch_var = unbias(batch_var, batch_count)
-    if average == "ema":
-        new_mean = momentum * stats.mean + (1 - momentum) * batch_mean
-        new_var = momentum * stats.var + (1 - momentum) * batch_var
-    else:
-        step = 1.0 / (stats.count.astype(batch_mean.dtype) + 1)
-        new_mean = stats.mean + (batch_mean - stats.mean) * step
-        new_var = stats.var + (batch_var - stats.var) * step
-    ok = jnp.all(jnp.isfinite(batch_mean) & jnp.isfinite(batch_var) & (batch_count > 0))
-    limit = jnp.iinfo(stats.count.dtype).max
-    new_count = jnp.where(stats.count < limit, stats.count + 1, stats.count)
-    return BatchStats(
-        jnp.where(ok, new_mean, stats.mean).astype(stats.mean.dtype),
-        jnp.where(ok, new_var, stats.var).astype(stats.var.dtype),
-        jnp.where(ok, new_count, stats.count).astype(stats.count.dtype),
-    )
 
 
 class BatchView(NamedTuple):
@@ -220,13 +214,13 @@ def batch_standardize(
       ``x.shape``), moments of shape ``(G, 1, ...)`` with the features kept.
     """
     per_example = lay.values_per_feature // max(x.shape[0], 1) if 0 in lay.reduction_axes else 1
-    ghost_batch_size = errors.check_ghost_batch_size(
+    ghost_batch_size = check_ghost_batch_size(
         fn, ghost_batch_size, x.shape, lay.feature_axes, per_example, axis_name
     )
-    errors.check_axis_index_groups(fn, axis_index_groups, axis_name)
+    check_axis_index_groups(fn, axis_index_groups, axis_name)
     if axis_name is None:
         # With a named axis the other devices supply the rest of the batch.
-        errors.check_enough_values(fn, lay.values_per_feature, x.shape, axis)
+        check_enough_values(fn, lay.values_per_feature, x.shape, axis)
     view = batch_view(x, lay, mask, ghost_batch_size)
     y, m = standardize(
         view.x, view.axes, epsilon=epsilon, mask=view.mask,
@@ -283,9 +277,9 @@ def evaluate(
 
 
 def check_options(fn: str, training: Any, average: str | None = None) -> bool:
-    training = errors.check_static_bool(fn, "training", training)
+    training = check_static_bool(fn, "training", training)
     if average is not None:
-        errors.check_choice(fn, "average", average, AVERAGES)
+        check_choice(fn, "average", average, AVERAGES)
     return training
 
 
@@ -317,9 +311,10 @@ def batch_norm(
     Training: ``y = scale * (x - mu_B) / sqrt(sigma2_B + eps) + bias`` with the
     batch mean and biased variance over the reduced axes, and the running
     statistics updated by ``average``. Evaluation: the same map with the running
-    statistics; ``stats`` comes back unchanged. During a PreciseBN pass
-    (:func:`jaxnorm.recalibrate`) the running statistics average cumulatively,
-    whatever ``average`` says.
+    statistics; ``stats`` comes back unchanged. A
+    :class:`~jaxnorm._src.state.RecalibrationStats` state (the PreciseBN pass
+    of :func:`jaxnorm.recalibrate` makes them) averages cumulatively, whatever
+    ``average`` says, and comes back with its type.
 
     Ghost batches (Hoffer, Hubara & Soudry 2017): with ``ghost_batch_size=k``,
     training splits axis 0 into ``N // k`` consecutive groups of ``k`` examples
@@ -389,9 +384,8 @@ def batch_norm(
     """
     fn = "batch_norm"
     training = check_options(fn, training, average)
-    errors.check_epsilon(fn, epsilon)
-    average = precise_bn.current_average(average)
-    errors.check_ghost_batch_size(fn, ghost_batch_size)
+    check_epsilon(fn, epsilon)
+    check_ghost_batch_size(fn, ghost_batch_size)
     x, lay, mask = check_inputs(fn, x, stats, scale, bias, axis, mask)
     out_dtype = x.dtype if dtype is None else dtype
     if not training:

@@ -15,7 +15,7 @@ inference output, yet the gradient still flows through the batch statistics
 (it is ``r`` times batch norm's). ``r_max = 1, d_max = 0`` is batch norm.
 
 Implementation: ``x_hat`` and the batch moments come from the same fused
-:func:`~jaxnorm._src.normalize.standardize` as batch norm (so the analytic
+:func:`~jaxnorm._src.standardize.standardize` as batch norm (so the analytic
 backward, masks, float32 accumulation and cross-device statistics are shared),
 the running statistics are folded in by the same code, and evaluation calls
 batch norm's. Only the correction ``x_hat * r + d`` lives here. ``r_max`` and
@@ -30,18 +30,19 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxnorm._src import errors, precise_bn
 from jaxnorm._src.batch_norm import (
-    BatchStats,
     batch_standardize,
+    check_ghost_batch_size,
     check_inputs,
     check_options,
     evaluate,
     fold_batch,
     view_param,
 )
-from jaxnorm._src.normalize import affine, inverse_std
-from jaxnorm._src.stats import accumulation_dtype
+from jaxnorm._src.checks import check_after, check_at_least, check_epsilon
+from jaxnorm._src.moments import accumulation_dtype
+from jaxnorm._src.standardize import affine, inverse_std
+from jaxnorm._src.state import BatchStats, RecalibrationStats
 
 Array = jax.Array
 
@@ -82,8 +83,9 @@ def batch_renorm(
     and the running statistics are updated exactly as :func:`jaxnorm.batch_norm`
     updates them (``momentum``, ``average``, ``unbiased``; a non-finite batch
     changes nothing). Evaluation is batch norm's: ``(x - mu) / sigma``.
-    During a PreciseBN pass (:func:`jaxnorm.recalibrate`) it is batch norm
-    (``r_max=1, d_max=0``) with cumulative running statistics.
+    With a :class:`~jaxnorm._src.state.RecalibrationStats` state (the PreciseBN
+    pass of :func:`jaxnorm.recalibrate`) it is batch norm (``r_max=1,
+    d_max=0``) with cumulative running statistics.
 
     The paper trains with ``r_max = 1, d_max = 0`` (plain batch norm) at first
     and then relaxes the limits; :func:`renorm_schedule` gives that schedule
@@ -131,12 +133,14 @@ def batch_renorm(
     """
     fn = "batch_renorm"
     training = check_options(fn, training, average)
-    errors.check_epsilon(fn, epsilon)
-    average = precise_bn.current_average(average)
-    r_max, d_max = precise_bn.current_renorm_limits(r_max, d_max)
-    errors.check_ghost_batch_size(fn, ghost_batch_size)
-    errors.check_at_least(fn, "r_max", r_max, 1, "r is clipped to [1/r_max, r_max]; r_max=1 disables the scale correction")
-    errors.check_at_least(fn, "d_max", d_max, 0, "d is clipped to [-d_max, d_max]; d_max=0 disables the shift correction")
+    check_epsilon(fn, epsilon)
+    check_ghost_batch_size(fn, ghost_batch_size)
+    check_at_least(fn, "r_max", r_max, 1, "r is clipped to [1/r_max, r_max]; r_max=1 disables the scale correction")
+    check_at_least(fn, "d_max", d_max, 0, "d is clipped to [-d_max, d_max]; d_max=0 disables the shift correction")
+    if isinstance(stats, RecalibrationStats):
+        # PreciseBN rebuilds the running statistics: they must not feed back
+        # into the outputs, so this is batch norm (r = 1, d = 0).
+        r_max, d_max = 1.0, 0.0
     x, lay, mask = check_inputs(fn, x, stats, scale, bias, axis, mask)
     out_dtype = x.dtype if dtype is None else dtype
     if not training:
@@ -214,11 +218,11 @@ def renorm_schedule(
       [3.0, 5.0]
     """
     fn = "renorm_schedule"
-    errors.check_at_least(fn, "warmup_steps", warmup_steps, 0, "pass the number of plain batch-norm steps")
-    errors.check_after(fn, "r_max_steps", r_max_steps, "warmup_steps", warmup_steps)
-    errors.check_after(fn, "d_max_steps", d_max_steps, "warmup_steps", warmup_steps)
-    errors.check_at_least(fn, "r_max", r_max, 1, "r_max=1 keeps r at 1")
-    errors.check_at_least(fn, "d_max", d_max, 0, "d_max=0 keeps d at 0")
+    check_at_least(fn, "warmup_steps", warmup_steps, 0, "pass the number of plain batch-norm steps")
+    check_after(fn, "r_max_steps", r_max_steps, "warmup_steps", warmup_steps)
+    check_after(fn, "d_max_steps", d_max_steps, "warmup_steps", warmup_steps)
+    check_at_least(fn, "r_max", r_max, 1, "r_max=1 keeps r at 1")
+    check_at_least(fn, "d_max", d_max, 0, "d_max=0 keeps d at 0")
     step = jnp.asarray(step, jnp.float32)
 
     def ramp(end: int) -> Array:

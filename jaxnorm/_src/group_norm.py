@@ -5,7 +5,7 @@ of ``group_size`` consecutive channels; each example is standardized per group
 over the group's channels and the reduced axes (by default every axis but the
 batch axis). ``num_groups=1`` is layer norm over (..., C); ``group_size=1`` is
 instance norm. The split is a reshape, so the statistics come from the same
-:func:`jaxnorm._src.normalize.standardize` as every other norm.
+:func:`jaxnorm._src.standardize.standardize` as every other norm.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxnorm._src import errors
-from jaxnorm._src.normalize import standardize
+from jaxnorm._src.axes import canonical_axes
+from jaxnorm._src.checks import check_epsilon, check_floating, check_mask, check_param_shape
+from jaxnorm._src.standardize import standardize
 
 Array = jax.Array
 
@@ -57,15 +58,14 @@ def _group_norm(
     axis_index_groups: Any = None,
     dtype: Any = None,
 ) -> Array:
-    errors.check_floating(fn, x)
-    errors.check_epsilon(fn, epsilon)
-    x = jnp.asarray(x)
+    x = jnp.asarray(check_floating(fn, x))
+    check_epsilon(fn, epsilon)
     if x.ndim < 2:
         raise ValueError(
             f"{fn}: `x` must have a batch axis and a channel axis, got shape {x.shape}; "
             f"add a batch axis, e.g. `x[None]`."
         )
-    channel_axes = errors.canonical_axes(fn, "channel_axis", channel_axis, x.shape)
+    channel_axes = canonical_axes(fn, "channel_axis", channel_axis, x.shape)
     if 0 in channel_axes:
         raise ValueError(
             f"{fn}: `channel_axis`={channel_axis!r} {'is' if len(channel_axes) == 1 else 'includes'} "
@@ -75,7 +75,7 @@ def _group_norm(
     if reduction_axes is None:
         axes = tuple(range(1, x.ndim))
     else:
-        axes = errors.canonical_axes(fn, "reduction_axes", reduction_axes, x.shape)
+        axes = canonical_axes(fn, "reduction_axes", reduction_axes, x.shape)
         if not set(channel_axes) <= set(axes):
             raise ValueError(
                 f"{fn}: `reduction_axes`={reduction_axes!r} must include the channel axis "
@@ -84,8 +84,8 @@ def _group_norm(
             )
     channel_shape = tuple(x.shape[a] for a in channel_axes)
     for name, value in (("scale", scale), ("bias", bias)):
-        errors.check_param_shape(fn, name, value, [channel_shape], x.shape)
-    mask = errors.check_mask(fn, mask, x.shape)
+        check_param_shape(fn, name, value, [channel_shape], x.shape)
+    mask = check_mask(fn, mask, x.shape)
     if len(channel_axes) == 1:
         (channel,) = channel_axes
         groups, size = check_groups(fn, x.shape[channel], num_groups, group_size, x.shape)

@@ -2,7 +2,7 @@
 
 Both normalize each example over its own features, so they behave the same in
 training and inference and suit batch size 1 and recurrent nets. Statistics
-come from :func:`jaxnorm._src.normalize.standardize`; RMS norm is its uncentred
+come from :func:`jaxnorm._src.standardize.standardize`; RMS norm is its uncentred
 form (no mean is subtracted, the mean square replaces the variance).
 """
 
@@ -13,17 +13,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxnorm._src import errors
-from jaxnorm._src.normalize import standardize
+from jaxnorm._src.axes import canonical_axes
+from jaxnorm._src.checks import check_epsilon, check_floating, check_mask, check_param_shape
+from jaxnorm._src.standardize import standardize
 
 Array = jax.Array
 
 
-def check_broadcast_param(fn: str, name: str, param: Any, x_shape: tuple[int, ...], axes: tuple[int, ...]) -> None:
-    """scale/bias must broadcast against x from the right without changing its shape."""
+def check_broadcast_param(fn: str, name: str, param: Any, x_shape: tuple[int, ...], axes: tuple[int, ...]) -> Any:
+    """Returns ``param``; raises unless it broadcasts against x from the right without changing its shape."""
     if param is None:
-        return
-    errors.check_floating(fn, name=name, x=param)
+        return None
+    check_floating(fn, name=name, x=param)
     shape = tuple(jnp.shape(param))
     ok = len(shape) <= len(x_shape) and all(
         s in (1, d) for s, d in zip(reversed(shape), reversed(x_shape))
@@ -35,27 +36,27 @@ def check_broadcast_param(fn: str, name: str, param: Any, x_shape: tuple[int, ..
             f"{tuple(x_shape)} from the right; use ({x_shape[-1]},) (flax) or {reduced} "
             f"(the reduced axes, as PyTorch's LayerNorm does)."
         )
+    return param
 
 
 def _prepare(
     fn: str, x: Any, axis: Any, mask: Any, params: dict[str, Any], feature_axes: Any,
 ) -> tuple[Array, tuple[int, ...], Array | None, dict[str, Any]]:
-    errors.check_floating(fn, x)
-    x = jnp.asarray(x)
-    axes = errors.canonical_axes(fn, "axis", axis, x.shape)
+    x = jnp.asarray(check_floating(fn, x))
+    axes = canonical_axes(fn, "axis", axis, x.shape)
     if feature_axes is None:
         for name, value in params.items():
             check_broadcast_param(fn, name, value, x.shape, axes)
     else:
         # flax's `feature_axes`: parameters span these axes of x (e.g. C at
         # axis 1 of NCHW) and are placed on them, not broadcast from the right.
-        kept = errors.canonical_axes(fn, "feature_axes", feature_axes, x.shape)
+        kept = canonical_axes(fn, "feature_axes", feature_axes, x.shape)
         shape = tuple(x.shape[a] for a in kept)
         where = tuple(x.shape[a] if a in kept else 1 for a in range(x.ndim))
         for name, value in params.items():
-            errors.check_param_shape(fn, name, value, [shape], x.shape)
+            check_param_shape(fn, name, value, [shape], x.shape)
             params[name] = None if value is None else jnp.reshape(value, where)
-    return x, axes, errors.check_mask(fn, mask, x.shape), params
+    return x, axes, check_mask(fn, mask, x.shape), params
 
 
 def layer_norm(
@@ -104,7 +105,7 @@ def layer_norm(
       >>> [round(v, 4) for v in y[0].tolist()]
       [-1.2247, 0.0, 1.2247]
     """
-    errors.check_epsilon("layer_norm", epsilon)
+    check_epsilon("layer_norm", epsilon)
     x, axes, mask, p = _prepare("layer_norm", x, axis, mask, {"scale": scale, "bias": bias}, feature_axes)
     y, _ = standardize(
         x, axes, epsilon=epsilon, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
@@ -155,7 +156,7 @@ def rms_norm(
       >>> [round(v, 4) for v in y[0].tolist()]
       [0.8485, 1.1314]
     """
-    errors.check_epsilon("rms_norm", epsilon)
+    check_epsilon("rms_norm", epsilon)
     x, axes, mask, p = _prepare("rms_norm", x, axis, mask, {"scale": scale}, feature_axes)
     y, _ = standardize(
         x, axes, epsilon=epsilon, mask=mask, center=False,

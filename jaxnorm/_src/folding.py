@@ -17,28 +17,127 @@ beta. No formula is written here a second time.
 :func:`fold_batch_norms` applies :func:`fold_batch_norm` to pairs of layers in
 a nested variable tree (flax linen's ``{"params": ..., "batch_stats": ...}``);
 it needs no flax, and :func:`jaxnorm.linen.fold_batch_norms` re-exports it next
-to the pair detection, which does.
+to the pair detection (:mod:`jaxnorm._linen.folding`), which does.
+
+Formerly ``jaxnorm/_src/inference.py``; recalibration (PreciseBN), the other
+inference-time tool, is :mod:`jaxnorm._src.recalibration`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxnorm._src import errors
-from jaxnorm._src.batch_norm import BatchStats
+from jaxnorm._src.checks import check_collection, check_epsilon, check_floating
+from jaxnorm._src.moments import accumulation_dtype
 from jaxnorm._src.normalize import normalize
-from jaxnorm._src.stats import accumulation_dtype
+from jaxnorm._src.state import BatchStats
 
 Array = jax.Array
 
 
+# --- checks with folding as their only caller ---------------------------------
+
+def check_stats(fn: str, stats: Any) -> Any:
+    """Returns ``stats``; raises unless it has ``mean`` and ``var`` (a BatchStats or a mapping)."""
+    if isinstance(stats, Mapping):
+        if "mean" in stats and "var" in stats:
+            return stats
+    elif hasattr(stats, "mean") and hasattr(stats, "var"):
+        return stats
+    raise ValueError(
+        f"{fn}: `stats` must be a jn.BatchStats or a mapping with 'mean' and 'var', got "
+        f"{type(stats).__name__}; pass the batch norm's running statistics, e.g. "
+        f"`variables['batch_stats']['BatchNorm_0']`."
+    )
+
+
+def check_feature_axis(fn: str, feature_axis: Any, kernel_shape: tuple[int, ...]) -> int:
+    """Returns ``feature_axis`` as a non-negative axis of the kernel; raises when it is not one."""
+    ndim = len(kernel_shape)
+    if ndim == 0:
+        raise ValueError(
+            f"{fn}: `kernel` must have at least one axis (the output features), got a "
+            f"scalar; pass the layer's kernel, e.g. (in, out) for Dense or (H, W, in, out) for Conv."
+        )
+    if (
+        isinstance(feature_axis, bool)
+        or not isinstance(feature_axis, (int, np.integer))
+        or not -ndim <= feature_axis < ndim
+    ):
+        raise ValueError(
+            f"{fn}: `feature_axis`={feature_axis!r} is not an axis of `kernel` (shape "
+            f"{tuple(kernel_shape)}); pass an int in [{-ndim}, {ndim - 1}]: -1 for flax's "
+            f"Dense (in, out) and Conv (H, W, in, out), 0 for PyTorch's (out, in, ...)."
+        )
+    return int(feature_axis) % ndim
+
+
+def check_vector(
+    fn: str, name: str, value: Any, features: int, kernel_shape: tuple[int, ...], feature_axis: Any
+) -> Any:
+    """Returns ``value``; raises unless it is None or a floating vector of the layer's ``features`` outputs."""
+    if value is None:
+        return None
+    shape = tuple(np.shape(value))
+    if shape != (features,):
+        raise ValueError(
+            f"{fn}: `{name}` has shape {shape}, but `kernel` (shape {tuple(kernel_shape)}) has "
+            f"{features} output features along `feature_axis`={feature_axis!r}; pass a "
+            f"({features},) array, or the `feature_axis` of the kernel's output features."
+        )
+    return check_floating(fn, value, name)
+
+
+def check_pair(fn: str, item: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Returns one entry of ``pairs``; raises unless it is (layer_path, bn_path) or (layer_path, bn_path, epsilon)."""
+    if len(item) not in (2, 3):
+        raise ValueError(
+            f"{fn}: each entry of `pairs` must be (layer_path, bn_path) or (layer_path, "
+            f"bn_path, epsilon), got {item!r}; e.g. `[('Conv_0', 'BatchNorm_0')]` or "
+            f"`{{'Conv_0': 'BatchNorm_0'}}`."
+        )
+    return item
+
+
+def check_pairs_unique(fn: str, pairs: Sequence[tuple[tuple[str, ...], tuple[str, ...]]]) -> None:
+    """A layer takes one batch norm and a batch norm follows one layer."""
+    for idx, role in ((0, "layer"), (1, "batch norm")):
+        seen = [p[idx] for p in pairs]
+        twice = sorted({"/".join(p) for p in seen if seen.count(p) > 1})
+        if twice:
+            raise ValueError(
+                f"{fn}: `pairs` names the {role} {', '.join(twice)} more than once; each "
+                f"Dense/Conv folds the one batch norm its output goes into."
+            )
+
+
+def check_paths(fn: str, layer_path: tuple[str, ...], layer: Any, bn_path: tuple[str, ...], bn_stats: Any) -> None:
+    """The layer must hold a ``kernel`` in ``params`` and the batch norm ``mean``/``var`` in ``batch_stats``."""
+    if layer is None or "kernel" not in layer:
+        raise ValueError(
+            f"{fn}: `pairs` names the layer {'/'.join(layer_path)!r}, but `variables['params']` "
+            f"has no Dense/Conv `kernel` there; give the path of the layer's module, e.g. "
+            f"'Block_0/Conv_0' (see `jaxnorm.linen.batch_norm_pairs`)."
+        )
+    if bn_stats is None or "mean" not in bn_stats or "var" not in bn_stats:
+        raise ValueError(
+            f"{fn}: `pairs` names the batch norm {'/'.join(bn_path)!r}, but "
+            f"`variables['batch_stats']` has no 'mean' and 'var' there; give the path of "
+            f"the BatchNorm module, e.g. 'Block_0/BatchNorm_0'."
+        )
+
+
+# --- folding -------------------------------------------------------------------
+
+
 def _stats_fields(fn: str, stats: Any) -> tuple[Any, Any]:
     """``(mean, var)`` of a BatchStats, any object with those attributes, or a mapping."""
-    errors.check_fold_stats(fn, stats)
+    check_stats(fn, stats)
     if isinstance(stats, Mapping):
         return stats["mean"], stats["var"]
     return stats.mean, stats.var
@@ -97,15 +196,15 @@ def fold_batch_norm(
       True
     """
     fn = "fold_batch_norm"
-    errors.check_epsilon(fn, epsilon)
+    check_epsilon(fn, epsilon)
     mean, var = _stats_fields(fn, stats)
-    errors.check_floating(fn, kernel, "kernel")
+    check_floating(fn, kernel, "kernel")
     kernel = jnp.asarray(kernel)
-    axis = errors.check_fold_feature_axis(fn, feature_axis, kernel.shape)
+    axis = check_feature_axis(fn, feature_axis, kernel.shape)
     c = kernel.shape[axis]
     named = {"bias": bias, "stats.mean": mean, "stats.var": var, "scale": scale, "bn_bias": bn_bias}
     for name, value in named.items():
-        errors.check_fold_vector(fn, name, value, c, kernel.shape, feature_axis)
+        check_vector(fn, name, value, c, kernel.shape, feature_axis)
     acc = accumulation_dtype(jnp.result_type(*(v for v in (kernel, *named.values()) if v is not None)))
     cast = lambda v: None if v is None else jnp.asarray(v, acc)  # noqa: E731
     mean, var, scale, bn_bias = cast(mean), cast(var), cast(scale), cast(bn_bias)
@@ -113,8 +212,13 @@ def fold_batch_norm(
     along = tuple(c if a == axis else 1 for a in range(kernel.ndim))
     shaped = lambda v: None if v is None else jnp.reshape(v, along)  # noqa: E731
     new_kernel = normalize(
-        kernel.astype(acc), jnp.zeros((), acc), shaped(var), shaped(scale), None,
-        epsilon=epsilon, dtype=kernel.dtype,
+        kernel.astype(acc),
+        jnp.zeros((), acc),
+        shaped(var),
+        shaped(scale),
+        None,
+        epsilon=epsilon,
+        dtype=kernel.dtype,
     )
     # b' = normalize(b): (b - mean) * gamma / sqrt(var + eps) + beta.
     bias_dtype = kernel.dtype if bias is None else jnp.result_type(bias)
@@ -154,7 +258,7 @@ def _as_pairs(fn: str, pairs: Any, epsilon: float) -> list[FoldPair]:
     out = []
     for item in items:
         item = tuple(item)
-        errors.check_fold_pair(fn, item)
+        check_pair(fn, item)
         eps = float(item[2]) if len(item) == 3 else epsilon
         out.append(FoldPair(_path(item[0]), _path(item[1]), eps))
     return out
@@ -241,17 +345,21 @@ def fold_batch_norms(variables: Mapping[str, Any], pairs: Any, *, epsilon: float
       (['params'], [-0.5, -0.5])
     """
     fn = "fold_batch_norms"
-    errors.check_collection(fn, variables, "params")
+    check_collection(fn, variables, "params")
     out = _plain(variables)
     todo = _as_pairs(fn, pairs, epsilon)
-    errors.check_fold_pairs_unique(fn, [(p.layer, p.batch_norm) for p in todo])
+    check_pairs_unique(fn, [(p.layer, p.batch_norm) for p in todo])
     for pair in todo:
         layer = _get(out, "params", pair.layer)
         bn_params = _get(out, "params", pair.batch_norm) or {}
         bn_stats = _get(out, "batch_stats", pair.batch_norm)
-        errors.check_fold_paths(fn, pair.layer, layer, pair.batch_norm, bn_stats)
+        check_paths(fn, pair.layer, layer, pair.batch_norm, bn_stats)
         kernel, bias = fold_batch_norm(
-            layer["kernel"], layer.get("bias"), bn_stats, bn_params.get("scale"), bn_params.get("bias"),
+            layer["kernel"],
+            layer.get("bias"),
+            bn_stats,
+            bn_params.get("scale"),
+            bn_params.get("bias"),
             epsilon=pair.epsilon,
         )
         layer["kernel"], layer["bias"] = kernel, bias
