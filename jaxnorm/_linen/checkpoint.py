@@ -76,6 +76,16 @@ def fresh_batch_stats(variables: Mapping[str, Any]) -> dict[str, Any]:
 
     Returns:
       ``{"batch_stats": reset_tree}``, to merge as ``{**variables, **fresh}``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxnorm.linen as jnl
+      >>> bn = jnl.BatchNorm(use_running_average=False)
+      >>> x = jnp.arange(8.0).reshape(4, 2)
+      >>> v = bn.init(jax.random.key(0), x)
+      >>> _, upd = bn.apply(v, x, mutable=["batch_stats"])
+      >>> fresh = jnl.fresh_batch_stats({**v, **upd})["batch_stats"]
+      >>> fresh["mean"].tolist(), fresh["var"].tolist(), int(fresh["count"])
+      ([0.0, 0.0], [1.0, 1.0], 0)
     """
 
     return {"batch_stats": map_batch_stats(variables["batch_stats"], fresh_like)}

@@ -53,7 +53,7 @@ def batch_norm_pairs(
     Args:
       model: a linen module.
       variables: its variables.
-      *args, **kwargs: the inputs and options of an evaluation-mode ``apply``.
+      args, kwargs: the inputs and options of an evaluation-mode ``apply``.
       strict: raise for a batch norm that cannot be folded (default), or skip it.
 
     Returns:

@@ -30,6 +30,17 @@ def reset_batch_stats(model: nnx.Module) -> None:
 
     Args:
       model: any NNX module (graph) holding :class:`BatchNorm` layers.
+
+    Example:
+      >>> import jax, jaxnorm.nnx as jnx
+      >>> from flax import nnx
+      >>> bn = jnx.BatchNorm(3, rngs=nnx.Rngs(0))
+      >>> _ = bn(jax.random.normal(jax.random.key(0), (8, 3)))
+      >>> int(bn.count[...])
+      1
+      >>> jnx.reset_batch_stats(bn)
+      >>> int(bn.count[...]), bn.var[...].tolist()
+      (0, [1.0, 1.0, 1.0])
     """
     for layer in batch_norm_layers(model):
         set_layer_state(layer, fresh_like(layer_state(layer)))
