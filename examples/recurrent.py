@@ -36,7 +36,7 @@ updated), which shows whether the network or its stored statistics are at fault.
 Run ``python examples/recurrent.py`` (``--quick`` for the tests). Writes
 ``results/recurrent.json``, ``results/recurrent.png`` and
 ``results/recurrent.md`` (the table; a full run also writes it to
-``docs/recurrent_results.md``).
+``docs/_generated/recurrent_results.md``).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ LABELS = {
     "bn_lstm_shared": "batch-norm LSTM, shared statistics",
 }
 BATCH_NORM = ("bn_lstm", "bn_lstm_shared")
-DOCS_TABLE = _common.ROOT / "docs" / "recurrent_results.md"
+DOCS_TABLE = _common.ROOT / "docs" / "_generated" / "recurrent_results.md"
 
 
 class Classifier(nn.Module):
@@ -204,7 +204,7 @@ def summarize(result, variants):
 
 
 def table(result, variants=VARIANTS):
-    """The Markdown table of the run (docs/recurrent_results.md)."""
+    """The Markdown table of the run (docs/_generated/recurrent_results.md)."""
     s = result["summary"]
     c = result["config"]
     lines = [
@@ -255,7 +255,7 @@ def main(argv=None):
     parser.add_argument("--momentum", type=float, default=None,
                         help="BN running-average momentum (0.99; 0.9 with --quick, too few steps for 0.99)")
     parser.add_argument("--table", default=None,
-                        help="also write the Markdown table here (default: docs/recurrent_results.md for full runs)")
+                        help="also write the Markdown table here (default: docs/_generated/recurrent_results.md for full runs)")
     args = parser.parse_args(argv)
     steps = args.steps or (200 if args.quick else 2000)
     eval_every = args.eval_every or (50 if args.quick else 100)

@@ -25,8 +25,8 @@ upper bound on the network's Lipschitz constant for ReLU), measured by SVD of
 the kernels the network uses: spectral norm keeps it near 1.
 
 Every number in ``results/weight_norms.json`` and in the Markdown table
-(``--table``, for docs/guides/weight_norms_table.md) is measured by this
-script. ``python examples/weight_norms.py --table docs/guides/weight_norms_table.md``
+(``--table``, for docs/_generated/weight_norms_table.md) is measured by this
+script. ``python examples/weight_norms.py --table docs/_generated/weight_norms_table.md``
 regenerates the guide's table.
 """
 

@@ -31,6 +31,7 @@ from jaxnorm._src.layer_norm import rms_norm as rms_norm
 from jaxnorm._src.moments import moments as moments
 from jaxnorm._src.normalize import normalize as normalize
 from jaxnorm._src.recalibration import recalibrate as recalibrate
+from jaxnorm._src.recurrent import StepCarry as StepCarry
 from jaxnorm._src.response_norms import filter_response_norm as filter_response_norm
 from jaxnorm._src.response_norms import local_response_norm as local_response_norm
 from jaxnorm._src.spectral_norm import init_spectral_state as init_spectral_state
@@ -44,6 +45,7 @@ from jaxnorm._src.weight_norm import weight_standardize as weight_standardize
 __version__ = "0.1.0"
 
 __all__ = [
+    "StepCarry",
     "BatchStats",
     "FoldPair",
     "batch_norm",

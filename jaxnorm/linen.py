@@ -103,7 +103,6 @@ __all__ += ["InputNormalization", "adapt"]
 from jaxnorm._linen.recurrent import BatchNormLSTMCell as BatchNormLSTMCell  # noqa: E402
 from jaxnorm._linen.recurrent import LayerNormGRUCell as LayerNormGRUCell  # noqa: E402
 from jaxnorm._linen.recurrent import LayerNormLSTMCell as LayerNormLSTMCell  # noqa: E402
-from jaxnorm._linen.recurrent import StepCarry as StepCarry  # noqa: E402
 from jaxnorm._linen.recurrent import extend_step_stats as extend_step_stats  # noqa: E402
 
-__all__ += ["BatchNormLSTMCell", "LayerNormGRUCell", "LayerNormLSTMCell", "StepCarry", "extend_step_stats"]
+__all__ += ["BatchNormLSTMCell", "LayerNormGRUCell", "LayerNormLSTMCell", "extend_step_stats"]

@@ -72,6 +72,5 @@ __all__ += ["InputNormalization", "adapt"]
 from jaxnorm._nnx.recurrent import BatchNormLSTMCell as BatchNormLSTMCell  # noqa: E402
 from jaxnorm._nnx.recurrent import LayerNormGRUCell as LayerNormGRUCell  # noqa: E402
 from jaxnorm._nnx.recurrent import LayerNormLSTMCell as LayerNormLSTMCell  # noqa: E402
-from jaxnorm._nnx.recurrent import StepCarry as StepCarry  # noqa: E402
 
-__all__ += ["BatchNormLSTMCell", "LayerNormGRUCell", "LayerNormLSTMCell", "StepCarry"]
+__all__ += ["BatchNormLSTMCell", "LayerNormGRUCell", "LayerNormLSTMCell"]

@@ -130,8 +130,8 @@ class LayerNormLSTMCell(nn.RNNCellBase):
     second, constant feature. Statistics are per example, so training and
     evaluation are the same and any sequence length works.
 
-    Shapes: x (*batch, D) per step; carry ``(c, h)``, each (*batch, H) with H =
-    ``features``; run over (*batch, T, D) with ``flax.linen.RNN``.
+    Shapes: x (..., D) per step; carry ``(c, h)``, each (..., H) with H =
+    ``features``; run over (..., T, D) with ``flax.linen.RNN``.
 
     Attributes:
       features: H, the hidden size.
@@ -169,7 +169,7 @@ class LayerNormLSTMCell(nn.RNNCellBase):
 
     @nn.compact
     def __call__(self, carry: tuple[Array, Array], inputs: Array) -> tuple[tuple[Array, Array], Array]:
-        """One step: ``((c, h), x) -> ((c_t, h_t), h_t)``; x (*batch, D), c and h (*batch, H)."""
+        """One step: ``((c, h), x) -> ((c_t, h_t), h_t)``; x (..., D), c and h (..., H)."""
         c, h = carry
         _check_carry("jaxnorm.linen.LayerNormLSTMCell", h, self.features)
         input_kernel, recurrent_kernel = _kernels(self, inputs, 4)
@@ -187,7 +187,7 @@ class LayerNormLSTMCell(nn.RNNCellBase):
 
     @nn.nowrap
     def initialize_carry(self, rng: Array, input_shape: tuple[int, ...]) -> tuple[Array, Array]:
-        """``(c, h)``, each (*batch, H), for inputs of shape (*batch, D)."""
+        """``(c, h)``, each (..., H), for inputs of shape (..., D)."""
         key_c, key_h = jax.random.split(rng)
         shape = (*input_shape[:-1], self.features)
         return self.carry_init(key_c, shape, self.param_dtype), self.carry_init(key_h, shape, self.param_dtype)
@@ -210,7 +210,7 @@ class LayerNormGRUCell(nn.RNNCellBase):
 
     Scaling every input by a positive constant leaves the outputs unchanged.
 
-    Shapes: x (*batch, D) per step; carry h (*batch, H), H = ``features``.
+    Shapes: x (..., D) per step; carry h (..., H), H = ``features``.
 
     Attributes:
       features: H, the hidden size.
@@ -247,7 +247,7 @@ class LayerNormGRUCell(nn.RNNCellBase):
 
     @nn.compact
     def __call__(self, carry: Array, inputs: Array) -> tuple[Array, Array]:
-        """One step: ``(h, x) -> (h_t, h_t)``; x (*batch, D), h (*batch, H)."""
+        """One step: ``(h, x) -> (h_t, h_t)``; x (..., D), h (..., H)."""
         h = carry
         _check_carry("jaxnorm.linen.LayerNormGRUCell", h, self.features)
         input_kernel, recurrent_kernel = _kernels(self, inputs, 3)
@@ -263,7 +263,7 @@ class LayerNormGRUCell(nn.RNNCellBase):
 
     @nn.nowrap
     def initialize_carry(self, rng: Array, input_shape: tuple[int, ...]) -> Array:
-        """h (*batch, H) for inputs of shape (*batch, D)."""
+        """h (..., H) for inputs of shape (..., D)."""
         return self.carry_init(rng, (*input_shape[:-1], self.features), self.param_dtype)
 
     @property
@@ -303,8 +303,8 @@ class BatchNormLSTMCell(nn.RNNCellBase):
     and batch norm masks the steps at or after it. Outputs at padded steps are
     normalized with the valid examples' statistics and are to be ignored.
 
-    Shapes: x (*batch, D) per step; carry :class:`StepCarry` ``(c, h, step,
-    length)``: c and h (*batch, H), step (*batch,) int32, length (*batch,) int32
+    Shapes: x (..., D) per step; carry :class:`StepCarry` ``(c, h, step,
+    length)``: c and h (..., H), step (...) int32, length (...) int32
     or None.
 
     Attributes:
@@ -354,7 +354,7 @@ class BatchNormLSTMCell(nn.RNNCellBase):
 
     @nn.compact
     def __call__(self, carry: StepCarry, inputs: Array) -> tuple[StepCarry, Array]:
-        """One step: ``(carry, x) -> (carry_t, h_t)``; x (*batch, D)."""
+        """One step: ``(carry, x) -> (carry_t, h_t)``; x (..., D)."""
         fn = "jaxnorm.linen.BatchNormLSTMCell"
         if self.use_running_average is None:
             raise ValueError(
@@ -389,19 +389,19 @@ class BatchNormLSTMCell(nn.RNNCellBase):
     def initialize_carry(
         self, rng: Array, input_shape: tuple[int, ...], *, seq_lengths: Array | None = None
     ) -> StepCarry:
-        """A :class:`StepCarry` at step 0 for inputs of shape (*batch, D).
+        """A :class:`StepCarry` at step 0 for inputs of shape (..., D).
 
         Args:
           rng: key for ``carry_init``.
-          input_shape: the shape of one step's input, (*batch, D).
-          seq_lengths: optional (*batch,) int lengths: steps at or after them
+          input_shape: the shape of one step's input, (..., D).
+          seq_lengths: optional (...) int lengths: steps at or after them
             are padding and stay out of the statistics. Pass the same lengths
             as ``seq_lengths=`` to the RNN.
         """
         key_c, key_h = jax.random.split(rng)
         batch = tuple(input_shape[:-1])
         lengths = core.check_lengths("jaxnorm.linen.BatchNormLSTMCell.initialize_carry", seq_lengths, batch)
-        shape = (*batch, self.features)
+        shape = (..., self.features)
         c = self.carry_init(key_c, shape, self.param_dtype)
         h = self.carry_init(key_h, shape, self.param_dtype)
         return core.init_step_carry(c, h, lengths)

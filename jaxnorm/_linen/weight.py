@@ -174,7 +174,7 @@ class SpectralNorm(nn.Module):
         """Calls the wrapped layer with its matrices spectrally normalized.
 
         Args:
-          *args, **kwargs: passed to the wrapped layer.
+          args, kwargs: passed to the wrapped layer.
           update_stats: store the new ``u`` and ``sigma`` (training) or not (evaluation).
         """
         transform = functools.partial(self._normalize, update_stats=update_stats)

@@ -81,8 +81,8 @@ class ConditionalBatchNorm(_Conditional):
     to the running statistics.
 
     Args:
-      use_running_average, axis, momentum, epsilon, axis_name,
-        axis_index_groups, average, unbiased: as :class:`jaxnorm.nnx.BatchNorm`.
+      use_running_average: and ``axis``, ``momentum``, ``epsilon``, ``axis_name``,
+        ``axis_index_groups``, ``average``, ``unbiased``: as :class:`jaxnorm.nnx.BatchNorm`.
       num_features: C, the size of the feature (channel) axis.
       condition_features: D, the size of the condition vector.
       use_scale, use_bias: project a scale / a shift from the condition.
@@ -248,8 +248,8 @@ class ConditionalGroupNorm(_Conditional):
     """Conditional group norm, NNX twin: ``y = GN(x) * scale(c) + shift(c)`` (:func:`jaxnorm.group_norm`).
 
     Args:
-      num_groups, group_size, reduction_axes, epsilon, axis_name,
-        axis_index_groups: as :class:`jaxnorm.nnx.GroupNorm`.
+      num_groups: and ``group_size``, ``reduction_axes``, ``epsilon``, ``axis_name``,
+        ``axis_index_groups``: as :class:`jaxnorm.nnx.GroupNorm`.
       channel_axis: -1 (NHWC, default) or 1 (NCHW).
       num_features: C, the size of the feature (channel) axis.
       condition_features: D, the size of the condition vector.

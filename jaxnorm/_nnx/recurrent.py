@@ -130,9 +130,9 @@ class LayerNormLSTMCell(nnx.RNNCellBase):
     :class:`jaxnorm.linen.LayerNormLSTMCell`. Scaling every input by a positive
     constant leaves the outputs unchanged.
 
-    Shapes: x (*batch, D) per step with D = ``in_features``; carry ``(c, h)``,
-    each (*batch, H) with H = ``hidden_features``; ``nnx.RNN`` runs it over
-    (*batch, T, D).
+    Shapes: x (..., D) per step with D = ``in_features``; carry ``(c, h)``,
+    each (..., H) with H = ``hidden_features``; ``nnx.RNN`` runs it over
+    (..., T, D).
 
     Args:
       in_features: D.
@@ -205,7 +205,7 @@ class LayerNormLSTMCell(nnx.RNNCellBase):
 
     def initialize_carry(self, input_shape: tuple[int, ...], rngs: Any = None,
                          carry_init: Initializer | None = None) -> tuple[Array, Array]:
-        """``(c, h)``, each (*batch, H), for inputs of shape (*batch, D)."""
+        """``(c, h)``, each (..., H), for inputs of shape (..., D)."""
         init = _carry_init(self, carry_init)
         shape = (*input_shape[:-1], self.hidden_features)
         key_c, key_h = _carry_keys(rngs, 2)
@@ -224,7 +224,7 @@ class LayerNormGRUCell(nnx.RNNCellBase):
     n_h)``, ``h_t = (1 - z) * n + z * h_{t-1}``; the norms' biases take the
     place of flax's gate biases.
 
-    Shapes: x (*batch, D) per step; carry h (*batch, H).
+    Shapes: x (..., D) per step; carry h (..., H).
 
     Args:
       in_features: D.
@@ -292,7 +292,7 @@ class LayerNormGRUCell(nnx.RNNCellBase):
 
     def initialize_carry(self, input_shape: tuple[int, ...], rngs: Any = None,
                          carry_init: Initializer | None = None) -> Array:
-        """h (*batch, H) for inputs of shape (*batch, D)."""
+        """h (..., H) for inputs of shape (..., D)."""
         (key,) = _carry_keys(rngs, 1)
         return _carry_init(self, carry_init)(key, (*input_shape[:-1], self.hidden_features), self.param_dtype)
 
@@ -319,8 +319,8 @@ class BatchNormLSTMCell(nnx.RNNCellBase):
     ``initial_carry``) to keep the steps at or after each example's length out
     of the statistics.
 
-    Shapes: x (*batch, D) per step; carry :class:`StepCarry` ``(c, h, step,
-    length)``: c and h (*batch, H), step (*batch,) int32, length (*batch,) int32 or None.
+    Shapes: x (..., D) per step; carry :class:`StepCarry` ``(c, h, step,
+    length)``: c and h (..., H), step (...) int32, length (...) int32 or None.
 
     Args:
       in_features: D.
@@ -329,8 +329,8 @@ class BatchNormLSTMCell(nnx.RNNCellBase):
       use_running_average: False (default) to train, True to evaluate.
       momentum: weight on the old running value (flax's direction; PyTorch's 0.1 is 0.9 here).
       epsilon: added to the variance.
-      gate_fn, activation_fn, kernel_init, recurrent_kernel_init, bias_init,
-        dtype, param_dtype, carry_init: as in :class:`LayerNormLSTMCell`.
+      gate_fn: and ``activation_fn``, ``kernel_init``, ``recurrent_kernel_init``, ``bias_init``,
+        ``dtype``, ``param_dtype``, ``carry_init``: as in :class:`LayerNormLSTMCell`.
       scale_init: initializer of the three gains (default 0.1, the paper's).
       rngs: ``nnx.Rngs`` for the initializers.
       kernel_metadata, recurrent_kernel_metadata, bias_metadata: ``nnx.Param`` metadata.
@@ -417,19 +417,19 @@ class BatchNormLSTMCell(nnx.RNNCellBase):
 
     def initialize_carry(self, input_shape: tuple[int, ...], rngs: Any = None, carry_init: Initializer | None = None,
                          *, seq_lengths: Array | None = None) -> StepCarry:
-        """A :class:`StepCarry` at step 0 for inputs of shape (*batch, D).
+        """A :class:`StepCarry` at step 0 for inputs of shape (..., D).
 
         Args:
-          input_shape: one step's input shape (*batch, D).
+          input_shape: one step's input shape (..., D).
           rngs: keys for ``carry_init`` (``nnx.RNN`` passes its own).
           carry_init: initializer of c and h (default zeros).
-          seq_lengths: optional (*batch,) int lengths; steps at or after them
+          seq_lengths: optional (...) int lengths; steps at or after them
             stay out of the statistics. Pass the same lengths to the RNN.
         """
         batch = tuple(input_shape[:-1])
         lengths = core.check_lengths("jaxnorm.nnx.BatchNormLSTMCell.initialize_carry", seq_lengths, batch)
         init = _carry_init(self, carry_init)
-        shape = (*batch, self.hidden_features)
+        shape = (..., self.hidden_features)
         key_c, key_h = _carry_keys(rngs, 2)
         return core.init_step_carry(init(key_c, shape, self.param_dtype), init(key_h, shape, self.param_dtype), lengths)
 

@@ -231,7 +231,7 @@ class SpectralNorm(nnx.Module):
         """Calls the wrapped layer with its matrices spectrally normalized.
 
         Args:
-          x, *args, **kwargs: passed to the wrapped layer.
+          x, args, kwargs: passed to the wrapped layer.
           update_stats: store the new ``u`` and ``sigma``; default
             ``not self.use_running_average`` (``train()``: True, ``eval()``: False).
         """

@@ -48,12 +48,12 @@ class StepCarry(NamedTuple):
     """Carry of a batch-normalized LSTM cell.
 
     Attributes:
-      c: (*batch, H) cell state.
-      h: (*batch, H) hidden state (the output).
-      step: (*batch,) int32: steps taken so far (the index of the next step's
+      c: (..., H) cell state.
+      h: (..., H) hidden state (the output).
+      step: (...) int32: steps taken so far (the index of the next step's
         statistics). Per example so that flax's RNN can select the last valid
         carry of each sequence; every example holds the same value.
-      length: (*batch,) int32 sequence lengths, or None (every step counts).
+      length: (...) int32 sequence lengths, or None (every step counts).
         Steps at or after an example's length are padding: they leave the
         statistics alone.
     """
@@ -84,7 +84,7 @@ def init_step_carry(c: Array, h: Array, seq_lengths: Array | None) -> StepCarry:
 
 
 def valid_steps(carry: StepCarry) -> Array | None:
-    """(*batch, 1) bool: True where the current step is inside the sequence; None without lengths."""
+    """(..., 1) bool: True where the current step is inside the sequence; None without lengths."""
     if carry.length is None:
         return None
     return (carry.step < carry.length)[..., None]
@@ -125,10 +125,10 @@ def lstm_step(
 ) -> tuple[Array, Array]:
     """One step of a normalized LSTM: returns ``(c_t, h_t)``.
 
-    Shapes: x (*batch, D), c and h (*batch, H), input_kernel (D, 4H),
+    Shapes: x (..., D), c and h (..., H), input_kernel (D, 4H),
     recurrent_kernel (H, 4H), bias (4H,); the four gates in flax's order
     i, f, g, o along the last axis. ``input_norm`` and ``recurrent_norm`` map
-    (*batch, 4H) to itself, ``cell_norm`` (*batch, H) to itself.
+    (..., 4H) to itself, ``cell_norm`` (..., H) to itself.
     """
     gates = input_norm(_mm(x, input_kernel, dtype)) + recurrent_norm(_mm(h, recurrent_kernel, dtype)) + bias
     i, f, g, o = jnp.split(gates, 4, axis=-1)
@@ -151,7 +151,7 @@ def gru_step(
 ) -> Array:
     """One step of a normalized GRU: returns ``h_t``.
 
-    Shapes: x (*batch, D), h (*batch, H), input_kernel (D, 3H), recurrent_kernel
+    Shapes: x (..., D), h (..., H), input_kernel (D, 3H), recurrent_kernel
     (H, 3H), gates r, z, n along the last axis (flax's order).
     """
     r_x, z_x, n_x = jnp.split(input_norm(_mm(x, input_kernel, dtype)), 3, axis=-1)

@@ -17,7 +17,7 @@ PyTorch                                     jaxnorm
 
 Layouts: with ``layout="flax"`` (default) kernels are moved between PyTorch's
 (out, in, *spatial) (``Linear`` (out, in), ``Conv2d`` OIHW) and flax's
-(*spatial, in, out) (``Dense`` (in, out), ``Conv`` HWIO), so the arrays drop
+(..., in, out) (``Dense`` (in, out), ``Conv`` HWIO), so the arrays drop
 into ``jaxnorm.linen.WeightNorm(nn.Dense(...))`` / ``SpectralNorm`` (use
 ``feature_axes=-1``); ``layout="torch"`` keeps PyTorch's arrays as they are
 (then ``feature_axes=0`` and ``scale`` keeps its (C, 1, ...) shape). Both
@@ -85,13 +85,13 @@ def _find(fn: str, state_dict: Mapping[str, Any], prefix: str, styles: Mapping[s
 
 
 def kernel_from_torch(weight: np.ndarray) -> np.ndarray:
-    """PyTorch's (out, in, *spatial) weight as flax's (*spatial, in, out) kernel."""
+    """PyTorch's (out, in, *spatial) weight as flax's (..., in, out) kernel."""
     n = weight.ndim
     return np.transpose(weight, tuple(range(2, n)) + (1, 0)) if n >= 2 else weight
 
 
 def kernel_to_torch(kernel: np.ndarray) -> np.ndarray:
-    """flax's (*spatial, in, out) kernel as PyTorch's (out, in, *spatial) weight."""
+    """flax's (..., in, out) kernel as PyTorch's (out, in, *spatial) weight."""
     n = kernel.ndim
     return np.transpose(kernel, (n - 1, n - 2) + tuple(range(n - 2))) if n >= 2 else kernel
 
@@ -118,7 +118,7 @@ def weight_norm_from_torch(state_dict: Mapping[str, Any], *, prefix: str = "", l
     Args:
       state_dict: the layer's (or a model's, with ``prefix``) state dict.
       prefix: the layer's name in the state dict, e.g. ``"fc1"``.
-      layout: ``"flax"`` (kernel (*spatial, in, out), scale (out,)) or
+      layout: ``"flax"`` (kernel (..., in, out), scale (out,)) or
         ``"torch"`` (arrays as PyTorch has them).
 
     Returns:
@@ -162,7 +162,7 @@ def weight_norm_to_torch(
         ``WeightNorm`` these are ``params["Dense_0"]["kernel"]`` and
         ``params["WeightNorm_0"]["Dense_0/kernel/scale"]``.
       prefix: the layer's name, prepended to every key.
-      layout: ``"flax"`` (the kernel is (*spatial, in, out)) or ``"torch"``.
+      layout: ``"flax"`` (the kernel is (..., in, out)) or ``"torch"``.
       style: ``"parametrizations"`` (``parametrizations.weight.original0/1``)
         or ``"legacy"`` (``weight_g``, ``weight_v``).
       as_tensor: applied to every array, e.g. ``torch.from_numpy``.
@@ -210,7 +210,7 @@ def spectral_norm_from_torch(
     Args:
       state_dict: the layer's (or a model's, with ``prefix``) state dict.
       prefix: the layer's name in the state dict.
-      layout: ``"flax"`` (kernel (*spatial, in, out)) or ``"torch"``.
+      layout: ``"flax"`` (kernel (..., in, out)) or ``"torch"``.
 
     Returns:
       ``(params, state)``: ``params`` ``{"kernel"}`` plus ``"bias"`` when
@@ -259,7 +259,7 @@ def spectral_norm_to_torch(
       state: the kernel's state (e.g. ``SpectralState(u, sigma)`` from flax's
         ``batch_stats["SpectralNorm_0"]["Dense_0/kernel/u"]`` and ``.../sigma``).
       prefix: the layer's name, prepended to every key.
-      layout: ``"flax"`` (the kernel is (*spatial, in, out)) or ``"torch"``.
+      layout: ``"flax"`` (the kernel is (..., in, out)) or ``"torch"``.
       style: ``"parametrizations"`` or ``"legacy"`` (``weight_orig``, ...).
       as_tensor: applied to every array, e.g. ``torch.from_numpy``.
 
