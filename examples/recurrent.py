@@ -255,7 +255,8 @@ def main(argv=None):
     parser.add_argument("--momentum", type=float, default=None,
                         help="BN running-average momentum (0.99; 0.9 with --quick, too few steps for 0.99)")
     parser.add_argument("--table", default=None,
-                        help="also write the Markdown table here (default: docs/_generated/recurrent_results.md for full runs)")
+                        help="also write the Markdown table here "
+                             "(default: docs/_generated/recurrent_results.md for full runs)")
     args = parser.parse_args(argv)
     steps = args.steps or (200 if args.quick else 2000)
     eval_every = args.eval_every or (50 if args.quick else 100)
