@@ -32,7 +32,7 @@ Where things live: the layers in :mod:`jaxnorm._linen` (``batch_norm``,
 ``layer_norm``, ``group_norm``), checkpoint helpers in ``_linen.checkpoint``,
 PreciseBN in ``_linen.recalibration``, pair detection for folding in
 ``_linen.folding``; the fields' core keyword arguments and the one Flax-side
-switch in :mod:`jaxnorm._src.flax_common` (shared with :mod:`jaxnorm.nnx`).
+switch in :mod:`jaxnorm._flax_common` (shared with :mod:`jaxnorm.nnx`).
 This module only re-exports.
 
 Recalibration hook (PreciseBN): :func:`override_average` switches every
@@ -48,6 +48,7 @@ statistics and later ones are averaged with equal weight::
             variables = {**variables, **upd}
 """
 
+from jaxnorm._flax_common import override_average as override_average
 from jaxnorm._linen.batch_norm import BatchNorm as BatchNorm
 from jaxnorm._linen.batch_norm import BatchRenorm as BatchRenorm
 from jaxnorm._linen.checkpoint import fresh_batch_stats as fresh_batch_stats
@@ -68,7 +69,6 @@ from jaxnorm._linen.response_norms import LocalResponseNorm as LocalResponseNorm
 from jaxnorm._linen.weight import SpectralNorm as SpectralNorm
 from jaxnorm._linen.weight import WeightNorm as WeightNorm
 from jaxnorm._linen.weight import WeightStandardization as WeightStandardization
-from jaxnorm._src.flax_common import override_average as override_average
 
 __all__ = [
     "ConditionalBatchNorm",

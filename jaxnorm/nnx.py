@@ -16,7 +16,7 @@ Recalibration hook (PreciseBN): ``average`` is a plain attribute, so
 switches every jaxnorm BatchNorm to cumulative averaging without rebuilding the
 model, :func:`reset_batch_stats` gives fresh statistics, and
 :func:`jaxnorm.linen.override_average` works here too (it lives in
-:mod:`jaxnorm._src.flax_common`, so this module imports no ``jaxnorm.linen``).
+:mod:`jaxnorm._flax_common`, so this module imports no ``jaxnorm.linen``).
 
 Where things live: the layers in :mod:`jaxnorm._nnx` (``batch_norm``,
 ``layer_norm``, ``group_norm``), PreciseBN and the reset in

@@ -190,3 +190,16 @@ def test_moments_takes_axes_by_position_or_keyword():
     x = jnp.arange(6.0).reshape(2, 3)
     by_position, by_keyword = jaxnorm.moments(x, 0), jaxnorm.moments(x, axes=0)
     assert [a.tolist() for a in by_position] == [a.tolist() for a in by_keyword]
+
+
+def test_core_holds_no_ambient_state():
+    """No module of the functional core imports contextvars or threading: results depend on arguments only."""
+    import ast
+    import pathlib
+
+    root = pathlib.Path(jaxnorm.__file__).parent / "_src"
+    for path in sorted(root.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] in ("contextvars", "threading") for n in names), path

@@ -376,7 +376,7 @@ def test_wrappers_hold_no_formula():
         # input normalization) compute parameter shapes (e.g. 4 * features) and are not covered yet.
         norms = ("batch_norm", "layer_norm", "group_norm", "common", "checkpoint", "folding", "recalibration")
         files = [root / side / f"{n}.py" for n in norms if (root / side / f"{n}.py").exists()]
-        files += [root / "_src" / "flax_common.py", root / f"{side[1:]}.py"]
+        files += [root / "_flax_common.py", root / f"{side[1:]}.py"]
         layers = []
         for path in files:
             tree = ast.parse(path.read_text())

@@ -5,7 +5,7 @@
 fresh_batch_stats), ``recalibration`` (recalibrate), ``folding``
 (batch_norm_pairs), ``common`` (dtype rule, parameter declaration). The
 keyword arguments the layers hand the core and the one Flax-side switch are
-in :mod:`jaxnorm._src.flax_common`, shared with :mod:`jaxnorm._nnx`.
+in :mod:`jaxnorm._flax_common`, shared with :mod:`jaxnorm._nnx`.
 ``conditional`` (ConditionalBatchNorm, ConditionalLayerNorm, ConditionalGroupNorm,
 ConditionalInstanceNorm) and ``response_norms`` (LocalResponseNorm, FilterResponseNorm).
 """

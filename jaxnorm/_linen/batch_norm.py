@@ -3,9 +3,9 @@
 The core functions are :func:`jaxnorm.batch_norm` and :func:`jaxnorm.batch_renorm`.
 
 The keyword arguments handed to the core come from
-:func:`jaxnorm._src.flax_common.batch_norm_options` (shared with the NNX
+:func:`jaxnorm._flax_common.batch_norm_options` (shared with the NNX
 layers); the Flax-side switch (``override_average``, PreciseBN) is read there
-and in :func:`jaxnorm._src.flax_common.layer_stats`.
+and in :func:`jaxnorm._flax_common.layer_stats`.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import jax
 import jax.numpy as jnp
 from flax.linen import initializers
 
+from jaxnorm._flax_common import batch_norm_options, layer_stats, merge_call_option
 from jaxnorm._linen.common import Dtype, Initializer, output_dtype, params
 from jaxnorm._src.axes import layout
 from jaxnorm._src.batch_norm import batch_norm
 from jaxnorm._src.batch_renorm import batch_renorm
 from jaxnorm._src.checks import check_static_bool
-from jaxnorm._src.flax_common import batch_norm_options, layer_stats, merge_call_option
 from jaxnorm._src.state import init_batch_stats
 
 Array = jax.Array

@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax.linen import initializers
 
+from jaxnorm._flax_common import group_norm_options, instance_norm_options
 from jaxnorm._linen.common import Axes, Dtype, Initializer, feature_shape, output_dtype, params
-from jaxnorm._src.flax_common import group_norm_options, instance_norm_options
 from jaxnorm._src.group_norm import group_norm, instance_norm
 
 Array = jax.Array

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax.linen import initializers
 
+from jaxnorm._flax_common import layer_norm_options
 from jaxnorm._linen.common import Axes, Dtype, Initializer, feature_shape, output_dtype, params
-from jaxnorm._src.flax_common import layer_norm_options
 from jaxnorm._src.layer_norm import layer_norm, rms_norm
 
 Array = jax.Array

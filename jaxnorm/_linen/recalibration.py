@@ -2,7 +2,7 @@
 
 The pass itself (restart, one compiled step, keep what folded) is
 :func:`jaxnorm._src.recalibration.run_pass`; the switch
-(:func:`jaxnorm._src.flax_common.recalibrating`) makes every jaxnorm layer
+(:func:`jaxnorm._flax_common.recalibrating`) makes every jaxnorm layer
 traced inside hand the core a ``RecalibrationStats`` state.
 """
 
@@ -14,8 +14,8 @@ from typing import Any
 import flax.linen as nn
 from flax.core import unfreeze
 
+from jaxnorm._flax_common import recalibrating
 from jaxnorm._src.checks import check_collection
-from jaxnorm._src.flax_common import recalibrating
 from jaxnorm._src.recalibration import run_pass
 
 

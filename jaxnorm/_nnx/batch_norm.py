@@ -3,7 +3,7 @@
 The core functions are :func:`jaxnorm.batch_norm` and :func:`jaxnorm.batch_renorm`.
 
 The keyword arguments handed to the core come from
-:func:`jaxnorm._src.flax_common.batch_norm_options` (shared with the linen
+:func:`jaxnorm._flax_common.batch_norm_options` (shared with the linen
 layers). Imports no ``jaxnorm.linen`` / ``jaxnorm._linen``.
 """
 
@@ -17,11 +17,11 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 
+from jaxnorm._flax_common import batch_norm_options, layer_stats, merge_call_option
 from jaxnorm._nnx.common import EMPTY, Dtype, Initializer, param, value
 from jaxnorm._src.batch_norm import batch_norm
 from jaxnorm._src.batch_renorm import batch_renorm
 from jaxnorm._src.checks import check_choice, check_static_bool
-from jaxnorm._src.flax_common import batch_norm_options, layer_stats, merge_call_option
 from jaxnorm._src.state import AVERAGES, BatchStats, init_batch_stats
 
 Array = jax.Array

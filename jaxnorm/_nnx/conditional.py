@@ -18,10 +18,10 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 
+from jaxnorm._flax_common import batch_norm_options, layer_stats, merge_call_option
 from jaxnorm._src.axes import canonical_axes
 from jaxnorm._src.batch_norm import batch_norm
 from jaxnorm._src.checks import check_floating, check_static_bool
-from jaxnorm._src.flax_common import batch_norm_options, layer_stats, merge_call_option
 from jaxnorm._src.group_norm import check_groups, group_norm, instance_norm
 from jaxnorm._src.layer_norm import layer_norm
 from jaxnorm._src.per_example import onto, projected_shape

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 
+from jaxnorm._flax_common import group_norm_options, instance_norm_options
 from jaxnorm._nnx.common import EMPTY, Axes, Dtype, Initializer, Stateless
-from jaxnorm._src.flax_common import group_norm_options, instance_norm_options
 from jaxnorm._src.group_norm import check_groups, group_norm, instance_norm
 
 Array = jax.Array

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 
+from jaxnorm._flax_common import layer_norm_options
 from jaxnorm._nnx.common import EMPTY, Axes, Dtype, Initializer, Stateless, value
-from jaxnorm._src.flax_common import layer_norm_options
 from jaxnorm._src.layer_norm import layer_norm, rms_norm
 
 Array = jax.Array

@@ -1,7 +1,7 @@
 """NNX PreciseBN and reset: :func:`recalibrate` runs a functional copy of the model under the Flax-side switch.
 
 The pass is :func:`jaxnorm._src.recalibration.run_pass`; the switch is
-:func:`jaxnorm._src.flax_common.recalibrating`; the reset is
+:func:`jaxnorm._flax_common.recalibrating`; the reset is
 :func:`jaxnorm._src.state.fresh_like` (the one reset of the library).
 """
 
@@ -11,8 +11,8 @@ from typing import Any
 
 from flax import nnx
 
+from jaxnorm._flax_common import recalibrating
 from jaxnorm._nnx.batch_norm import BatchNorm, layer_state, set_layer_state
-from jaxnorm._src.flax_common import recalibrating
 from jaxnorm._src.recalibration import run_pass
 from jaxnorm._src.state import BatchStats, fresh_like
 

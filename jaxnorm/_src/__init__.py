@@ -12,5 +12,4 @@ Dependency order (each module imports only modules above it):
     batch_norm, batch_renorm, layer_norm, group_norm    one norm family each
     adaptive_instance_norm, response_norms              AdaIN; local and filter response norms
     folding, recalibration, torch   inference tools and PyTorch conversion
-    flax_common                     what the linen and NNX layers share (no flax import)
 """

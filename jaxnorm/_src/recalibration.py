@@ -24,7 +24,7 @@ by the core: the same ``update`` traced with plain ``BatchStats`` behaves as
 in training, and a jitted ``update`` simply retraces for the new type.
 
 The Flax layers keep their statistics as plain variables (no NamedTuple type
-to carry the mark), so :mod:`jaxnorm._src.flax_common` holds the one switch
+to carry the mark), so :mod:`jaxnorm._flax_common` holds the one switch
 the Flax side has (``recalibrating``), under which a jaxnorm layer builds its
 state as ``RecalibrationStats``; :func:`run_pass` is the loop all three entry
 points share (restart, one compiled step, keep what folded).
