@@ -401,7 +401,7 @@ class BatchNormLSTMCell(nn.RNNCellBase):
         key_c, key_h = jax.random.split(rng)
         batch = tuple(input_shape[:-1])
         lengths = core.check_lengths("jaxnorm.linen.BatchNormLSTMCell.initialize_carry", seq_lengths, batch)
-        shape = (..., self.features)
+        shape = (*batch, self.features)
         c = self.carry_init(key_c, shape, self.param_dtype)
         h = self.carry_init(key_h, shape, self.param_dtype)
         return core.init_step_carry(c, h, lengths)

@@ -429,7 +429,7 @@ class BatchNormLSTMCell(nnx.RNNCellBase):
         batch = tuple(input_shape[:-1])
         lengths = core.check_lengths("jaxnorm.nnx.BatchNormLSTMCell.initialize_carry", seq_lengths, batch)
         init = _carry_init(self, carry_init)
-        shape = (..., self.hidden_features)
+        shape = (*batch, self.hidden_features)
         key_c, key_h = _carry_keys(rngs, 2)
         return core.init_step_carry(init(key_c, shape, self.param_dtype), init(key_h, shape, self.param_dtype), lengths)
 

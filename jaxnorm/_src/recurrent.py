@@ -56,6 +56,13 @@ class StepCarry(NamedTuple):
       length: (...) int32 sequence lengths, or None (every step counts).
         Steps at or after an example's length are padding: they leave the
         statistics alone.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxnorm.linen as jnl
+      >>> cell = jnl.BatchNormLSTMCell(4, use_running_average=False)
+      >>> carry = cell.initialize_carry(jax.random.key(0), (2, 3))
+      >>> carry.c.shape, carry.step.tolist()
+      ((2, 4), [0, 0])
     """
 
     c: Array
