@@ -1,40 +1,9 @@
-"""PyTorch state dicts to and from jaxnorm: arrays in, arrays out, no torch import.
+"""The PyTorch state-dict converters behind :mod:`jaxnorm.interop`, whose docstring is their guide.
 
-Every ``*_from_torch`` takes a ``state_dict`` mapping whose values are any
-array-likes: NumPy arrays, JAX arrays, or the tensors of a real
-``module.state_dict()`` (converted with ``.detach().cpu().numpy()`` when they
-have it, so torch itself is never imported here). ``prefix=`` picks one layer
-out of a whole model's state dict (``"layer1.0.bn1"`` or ``"layer1.0.bn1."``).
-
-Every ``*_to_torch`` returns a dict of NumPy arrays under PyTorch's names.
-``torch.nn.Module.load_state_dict`` wants tensors, so either convert::
-
-    module.load_state_dict({k: torch.from_numpy(v) for k, v in d.items()})
-
-or pass ``as_tensor=torch.from_numpy`` (any callable) to have it done.
-
-What maps to what:
-
-=========================== ==========================================
-PyTorch                     jaxnorm
-=========================== ==========================================
-``weight``                  ``params["scale"]`` (gamma)
-``bias``                    ``params["bias"]`` (beta)
-``running_mean``            ``BatchStats.mean`` (float32)
-``running_var``             ``BatchStats.var`` (float32, unbiased in torch)
-``num_batches_tracked``     ``BatchStats.count`` (int32, saturating; int64 in torch)
-``momentum=m``              ``momentum=1 - m`` (:func:`momentum_from_torch`)
-``momentum=None``           ``average="cumulative"``
-=========================== ==========================================
-
-PyTorch updates its running variance with the unbiased (``m/(m-1)``) batch
-variance; to continue training a converted model the way PyTorch would, use
-``jn.batch_norm(..., momentum=momentum_from_torch(0.1), unbiased=True)`` and,
-for NCHW tensors, ``axis=1``. The epsilon of every PyTorch norm defaults to
-1e-5 (jaxnorm's layer, group and instance norms default to flax's 1e-6).
-
-This is the implementation; the public module is :mod:`jaxnorm.interop`, which
-re-exports it. The checks here have the converters as their only callers.
+Arrays in, arrays out, no torch import: tensors are read through
+``.detach().cpu().numpy()`` when they have it. The key mapping, the momentum
+flip and the unbiased running variance are documented once, in
+:mod:`jaxnorm.interop`.
 """
 
 from __future__ import annotations
