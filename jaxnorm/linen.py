@@ -29,11 +29,12 @@ Differences from flax (see the README's "Flax" section):
   statistics instead, so ``init`` with a single example still works.
 
 Where things live: the layers in :mod:`jaxnorm._linen` (``batch_norm``,
-``layer_norm``, ``group_norm``), checkpoint helpers in ``_linen.checkpoint``,
-PreciseBN in ``_linen.recalibration``, pair detection for folding in
-``_linen.folding``; the fields' core keyword arguments and the one Flax-side
-switch in :mod:`jaxnorm._flax_common` (shared with :mod:`jaxnorm.nnx`).
-This module only re-exports.
+``layer_norm``, ``group_norm``, ``conditional``, ``response_norms``,
+``weight``, ``recurrent``, ``input_normalization``), checkpoint helpers in
+``_linen.checkpoint``, PreciseBN in ``_linen.recalibration``, pair detection
+for folding in ``_linen.folding``; the fields' core keyword arguments and the
+one Flax-side switch in :mod:`jaxnorm._flax_common` (shared with
+:mod:`jaxnorm.nnx`). This module only re-exports, in one sorted block.
 
 Recalibration hook (PreciseBN): :func:`override_average` switches every
 jaxnorm BatchNorm traced inside it to another averaging policy without touching
@@ -61,9 +62,15 @@ from jaxnorm._linen.folding import batch_norm_pairs as batch_norm_pairs
 from jaxnorm._linen.folding import fold_batch_norms as fold_batch_norms
 from jaxnorm._linen.group_norm import GroupNorm as GroupNorm
 from jaxnorm._linen.group_norm import InstanceNorm as InstanceNorm
+from jaxnorm._linen.input_normalization import InputNormalization as InputNormalization
+from jaxnorm._linen.input_normalization import adapt as adapt
 from jaxnorm._linen.layer_norm import LayerNorm as LayerNorm
 from jaxnorm._linen.layer_norm import RMSNorm as RMSNorm
 from jaxnorm._linen.recalibration import recalibrate as recalibrate
+from jaxnorm._linen.recurrent import BatchNormLSTMCell as BatchNormLSTMCell
+from jaxnorm._linen.recurrent import LayerNormGRUCell as LayerNormGRUCell
+from jaxnorm._linen.recurrent import LayerNormLSTMCell as LayerNormLSTMCell
+from jaxnorm._linen.recurrent import extend_step_stats as extend_step_stats
 from jaxnorm._linen.response_norms import FilterResponseNorm as FilterResponseNorm
 from jaxnorm._linen.response_norms import LocalResponseNorm as LocalResponseNorm
 from jaxnorm._linen.weight import SpectralNorm as SpectralNorm
@@ -71,38 +78,31 @@ from jaxnorm._linen.weight import WeightNorm as WeightNorm
 from jaxnorm._linen.weight import WeightStandardization as WeightStandardization
 
 __all__ = [
+    "BatchNorm",
+    "BatchNormLSTMCell",
+    "BatchRenorm",
     "ConditionalBatchNorm",
     "ConditionalGroupNorm",
     "ConditionalInstanceNorm",
     "ConditionalLayerNorm",
     "FilterResponseNorm",
-    "LocalResponseNorm",
-    "BatchNorm",
-    "BatchRenorm",
     "GroupNorm",
+    "InputNormalization",
     "InstanceNorm",
     "LayerNorm",
+    "LayerNormGRUCell",
+    "LayerNormLSTMCell",
+    "LocalResponseNorm",
     "RMSNorm",
+    "SpectralNorm",
+    "WeightNorm",
+    "WeightStandardization",
+    "adapt",
     "batch_norm_pairs",
+    "extend_step_stats",
     "fold_batch_norms",
     "fresh_batch_stats",
     "from_flax_variables",
     "override_average",
     "recalibrate",
-    "SpectralNorm",
-    "WeightNorm",
-    "WeightStandardization",
 ]
-
-
-from jaxnorm._linen.input_normalization import InputNormalization as InputNormalization  # noqa: E402
-from jaxnorm._linen.input_normalization import adapt as adapt  # noqa: E402
-
-__all__ += ["InputNormalization", "adapt"]
-
-from jaxnorm._linen.recurrent import BatchNormLSTMCell as BatchNormLSTMCell  # noqa: E402
-from jaxnorm._linen.recurrent import LayerNormGRUCell as LayerNormGRUCell  # noqa: E402
-from jaxnorm._linen.recurrent import LayerNormLSTMCell as LayerNormLSTMCell  # noqa: E402
-from jaxnorm._linen.recurrent import extend_step_stats as extend_step_stats  # noqa: E402
-
-__all__ += ["BatchNormLSTMCell", "LayerNormGRUCell", "LayerNormLSTMCell", "extend_step_stats"]

@@ -19,8 +19,9 @@ model, :func:`reset_batch_stats` gives fresh statistics, and
 :mod:`jaxnorm._flax_common`, so this module imports no ``jaxnorm.linen``).
 
 Where things live: the layers in :mod:`jaxnorm._nnx` (``batch_norm``,
-``layer_norm``, ``group_norm``), PreciseBN and the reset in
-``_nnx.recalibration``. This module only re-exports.
+``layer_norm``, ``group_norm``, ``conditional``, ``response_norms``,
+``weight``, ``recurrent``, ``input_normalization``), PreciseBN and the reset
+in ``_nnx.recalibration``. This module only re-exports, in one sorted block.
 
 Differences from flax are listed in :mod:`jaxnorm.linen` and the README.
 """
@@ -33,10 +34,15 @@ from jaxnorm._nnx.conditional import ConditionalInstanceNorm as ConditionalInsta
 from jaxnorm._nnx.conditional import ConditionalLayerNorm as ConditionalLayerNorm
 from jaxnorm._nnx.group_norm import GroupNorm as GroupNorm
 from jaxnorm._nnx.group_norm import InstanceNorm as InstanceNorm
+from jaxnorm._nnx.input_normalization import InputNormalization as InputNormalization
+from jaxnorm._nnx.input_normalization import adapt as adapt
 from jaxnorm._nnx.layer_norm import LayerNorm as LayerNorm
 from jaxnorm._nnx.layer_norm import RMSNorm as RMSNorm
 from jaxnorm._nnx.recalibration import recalibrate as recalibrate
 from jaxnorm._nnx.recalibration import reset_batch_stats as reset_batch_stats
+from jaxnorm._nnx.recurrent import BatchNormLSTMCell as BatchNormLSTMCell
+from jaxnorm._nnx.recurrent import LayerNormGRUCell as LayerNormGRUCell
+from jaxnorm._nnx.recurrent import LayerNormLSTMCell as LayerNormLSTMCell
 from jaxnorm._nnx.response_norms import FilterResponseNorm as FilterResponseNorm
 from jaxnorm._nnx.response_norms import LocalResponseNorm as LocalResponseNorm
 from jaxnorm._nnx.weight import SpectralNorm as SpectralNorm
@@ -44,33 +50,26 @@ from jaxnorm._nnx.weight import WeightNorm as WeightNorm
 from jaxnorm._nnx.weight import WeightStandardization as WeightStandardization
 
 __all__ = [
+    "BatchNorm",
+    "BatchNormLSTMCell",
+    "BatchRenorm",
     "ConditionalBatchNorm",
     "ConditionalGroupNorm",
     "ConditionalInstanceNorm",
     "ConditionalLayerNorm",
     "FilterResponseNorm",
-    "LocalResponseNorm",
-    "BatchNorm",
-    "BatchRenorm",
     "GroupNorm",
+    "InputNormalization",
     "InstanceNorm",
     "LayerNorm",
+    "LayerNormGRUCell",
+    "LayerNormLSTMCell",
+    "LocalResponseNorm",
     "RMSNorm",
-    "recalibrate",
-    "reset_batch_stats",
     "SpectralNorm",
     "WeightNorm",
     "WeightStandardization",
+    "adapt",
+    "recalibrate",
+    "reset_batch_stats",
 ]
-
-
-from jaxnorm._nnx.input_normalization import InputNormalization as InputNormalization  # noqa: E402
-from jaxnorm._nnx.input_normalization import adapt as adapt  # noqa: E402
-
-__all__ += ["InputNormalization", "adapt"]
-
-from jaxnorm._nnx.recurrent import BatchNormLSTMCell as BatchNormLSTMCell  # noqa: E402
-from jaxnorm._nnx.recurrent import LayerNormGRUCell as LayerNormGRUCell  # noqa: E402
-from jaxnorm._nnx.recurrent import LayerNormLSTMCell as LayerNormLSTMCell  # noqa: E402
-
-__all__ += ["BatchNormLSTMCell", "LayerNormGRUCell", "LayerNormLSTMCell"]
