@@ -409,3 +409,14 @@ def test_nnx_matches_linen_with_the_same_projections():
         getattr(m, name).bias[...] = v["params"][name]["bias"]
     np.testing.assert_allclose(nnx.jit(lambda m, x, c: m(x, c))(m, x, c), y, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(m.mean[...], upd["batch_stats"]["mean"], rtol=1e-6, atol=1e-7)
+
+
+def test_nnx_projection_of_another_width_is_an_error_and_changes_nothing():
+    layer = jnx.ConditionalBatchNorm(4, 7, rngs=nnx.Rngs(0))
+    before = jax.tree.map(np.asarray, nnx.state(layer))
+    with pytest.raises(
+        ValueError, match=r"jaxnorm.nnx.ConditionalBatchNorm: the `scale` projection .* gives 4 features.*"
+        r"has 6 on its feature axes.*`num_features=6`",
+    ):
+        layer(jnp.ones((3, 2, 6)), jnp.ones((3, 7)))
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.state(layer)), before)

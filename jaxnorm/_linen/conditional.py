@@ -30,15 +30,16 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.linen import dtypes, initializers
+from flax.linen import initializers
 
 from jaxnorm._flax_common import batch_norm_options, layer_stats, merge_call_option
+from jaxnorm._linen.common import output_dtype
 from jaxnorm._src.axes import canonical_axes, layout
 from jaxnorm._src.batch_norm import batch_norm
 from jaxnorm._src.checks import check_floating, check_static_bool
 from jaxnorm._src.group_norm import group_norm, instance_norm
 from jaxnorm._src.layer_norm import layer_norm
-from jaxnorm._src.per_example import onto, projected_shape
+from jaxnorm._src.per_example import Projection, conditional_affine
 from jaxnorm._src.state import init_batch_stats
 
 Array = jax.Array
@@ -49,24 +50,25 @@ Axes = Any
 __all__ = ["ConditionalBatchNorm", "ConditionalGroupNorm", "ConditionalInstanceNorm", "ConditionalLayerNorm"]
 
 
-def _projections(mdl: nn.Module, fn: str, x: Array, condition: Array, feature_axes: Sequence[int]) -> tuple[Any, Any]:
-    """The per-example scale and shift: Dense layers named ``scale`` and ``bias``, reshaped onto x."""
-    features, shape = projected_shape(fn, jnp.shape(x), condition, feature_axes)
+def _dense(mdl: nn.Module, name: str, bias_init: Initializer) -> Projection:
+    """The projection named ``name``: a Dense layer of the width the core asks for."""
 
-    def project(name: str, bias_init: Initializer) -> Array:
-        dense = nn.Dense(
+    def project(features: int, condition: Array) -> Array:
+        return nn.Dense(
             features, kernel_init=mdl.kernel_init, bias_init=bias_init, dtype=mdl.dtype,
             param_dtype=mdl.param_dtype, name=name,
-        )
-        return onto(dense(condition), shape)
+        )(condition)
 
-    scale = project("scale", mdl.scale_init) if mdl.use_scale else None
-    bias = project("bias", mdl.bias_init) if mdl.use_bias else None
-    return scale, bias
+    return project
 
 
-def _dtype(dtype: Dtype | None, *arrays: Any) -> Any:
-    return dtypes.canonicalize_dtype(*(a for a in arrays if a is not None), dtype=dtype)
+def _projections(mdl: nn.Module, fn: str, x: Array, condition: Array, feature_axes: Sequence[int]) -> tuple[Any, Any]:
+    """The per-example scale and shift from Dense layers named ``scale`` and ``bias`` (one core call)."""
+    return conditional_affine(
+        fn, jnp.shape(x), condition, feature_axes,
+        scale=_dense(mdl, "scale", mdl.scale_init) if mdl.use_scale else None,
+        bias=_dense(mdl, "bias", mdl.bias_init) if mdl.use_bias else None,
+    )
 
 
 class ConditionalBatchNorm(nn.Module):
@@ -153,7 +155,7 @@ class ConditionalBatchNorm(nn.Module):
             training = False  # as jaxnorm.linen.BatchNorm: init may see one example
         y, new = batch_norm(
             x, layer_stats(mean.value, var.value, count.value), scale, bias,
-            training=training, mask=mask, dtype=_dtype(self.dtype, x, scale, bias),
+            training=training, mask=mask, dtype=output_dtype(self.dtype, x, scale, bias),
             **batch_norm_options(self, initializing=initializing),
         )
         if training and not initializing:
@@ -213,7 +215,7 @@ class ConditionalLayerNorm(nn.Module):
         return layer_norm(
             x, scale, bias, axis=self.reduction_axes, epsilon=self.epsilon, mask=mask,
             axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-            dtype=_dtype(self.dtype, x, scale, bias),
+            dtype=output_dtype(self.dtype, x, scale, bias),
         )
 
 
@@ -268,7 +270,7 @@ class ConditionalGroupNorm(nn.Module):
             x, scale, bias, num_groups=self.num_groups, group_size=self.group_size,
             channel_axis=self.channel_axis, reduction_axes=self.reduction_axes, epsilon=self.epsilon,
             mask=mask, axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-            dtype=_dtype(self.dtype, x, scale, bias),
+            dtype=output_dtype(self.dtype, x, scale, bias),
         )
 
 
@@ -319,5 +321,5 @@ class ConditionalInstanceNorm(nn.Module):
         return instance_norm(
             x, scale, bias, channel_axis=self.feature_axes, epsilon=self.epsilon, mask=mask,
             axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-            dtype=_dtype(self.dtype, x, scale, bias),
+            dtype=output_dtype(self.dtype, x, scale, bias),
         )

@@ -24,7 +24,7 @@ from jaxnorm._src.batch_norm import batch_norm
 from jaxnorm._src.checks import check_floating, check_static_bool
 from jaxnorm._src.group_norm import check_groups, group_norm, instance_norm
 from jaxnorm._src.layer_norm import layer_norm
-from jaxnorm._src.per_example import onto, projected_shape
+from jaxnorm._src.per_example import Projection, conditional_affine
 from jaxnorm._src.state import init_batch_stats
 
 Array = jax.Array
@@ -36,6 +36,11 @@ _ONES = initializers.ones_init()
 Axes = Any
 
 __all__ = ["ConditionalBatchNorm", "ConditionalGroupNorm", "ConditionalInstanceNorm", "ConditionalLayerNorm"]
+
+
+def _ignoring_width(linear: nnx.Linear) -> Projection:
+    """An ``nnx.Linear`` as the core's projection: its width was fixed when it was built."""
+    return lambda _features, condition: linear(condition)
 
 
 class _Conditional(nnx.Module):
@@ -64,10 +69,12 @@ class _Conditional(nnx.Module):
         self.param_dtype = param_dtype
 
     def _projected(self, fn: str, x: Array, condition: Array, feature_axes: Sequence[int]) -> tuple[Any, Any]:
-        _, shape = projected_shape(fn, jnp.shape(x), condition, feature_axes)
-        scale = None if self.scale is None else onto(self.scale(condition), shape)
-        bias = None if self.bias is None else onto(self.bias(condition), shape)
-        return scale, bias
+        """The per-example scale and shift from the ``scale`` and ``bias`` projections (one core call)."""
+        return conditional_affine(
+            fn, jnp.shape(x), condition, feature_axes,
+            scale=None if self.scale is None else _ignoring_width(self.scale),
+            bias=None if self.bias is None else _ignoring_width(self.bias),
+        )
 
     def _out_dtype(self, x: Array, scale: Any, bias: Any) -> Any:
         return dtypes.canonicalize_dtype(*(a for a in (x, scale, bias) if a is not None), dtype=self.dtype)

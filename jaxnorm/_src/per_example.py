@@ -20,7 +20,7 @@ constant, so a per-example parameter gets per-example gradients.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -30,6 +30,7 @@ import numpy as np
 from jaxnorm._src.checks import check_floating
 
 Array = jax.Array
+Projection = Callable[[int, Array], Array]
 
 
 def is_broadcast_shape(shape: tuple[int, ...], x_shape: tuple[int, ...]) -> bool:
@@ -144,3 +145,60 @@ def projected_shape(
 def onto(projection: Array, shape: tuple[int, ...]) -> Array:
     """A conditional layer's projection, ``x.shape[:m] + (F,)``, reshaped to :func:`projected_shape`'s ``shape``."""
     return jnp.reshape(projection, shape)
+
+
+def conditional_affine(
+    fn: str,
+    x_shape: tuple[int, ...],
+    condition: Any,
+    feature_axes: Sequence[int],
+    *,
+    scale: Projection | None,
+    bias: Projection | None,
+) -> tuple[Array | None, Array | None]:
+    """A conditional norm's per-example scale and shift: each projection of ``condition``, placed on ``x``.
+
+    The one implementation behind the linen and NNX ``Conditional*Norm``
+    layers: ``scale = condition @ W_s + b_s`` and ``shift = condition @ W_b +
+    b_b``, each reshaped by :func:`onto` to :func:`projected_shape`'s
+    per-example shape, which the core norms take as scale and bias.
+
+    Args:
+      fn: the public name for messages.
+      x_shape: shape of ``x``.
+      condition: (N, D), or ``x.shape[:m] + (D,)``; floating.
+      feature_axes: non-negative axes of ``x`` the projections span.
+      scale, bias: the layer's projections, or None for a layer without one;
+        each is called as ``projection(F, condition)`` with F the number of
+        projected features and returns ``condition.shape[:-1] + (F,)`` (a
+        Dense layer of width F: linen builds it with F, NNX ignores F).
+
+    Returns:
+      ``(scale, bias)``, each None or of :func:`projected_shape`'s shape.
+
+    Raises:
+      ValueError: as :func:`projected_shape`, or a projection of another width than F.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> w = jnp.ones((2, 3))
+      >>> scale, bias = conditional_affine("f", (4, 5, 3), jnp.ones((4, 2)), (2,),
+      ...                                  scale=lambda f, c: c @ w, bias=None)
+      >>> scale.shape, bias
+      ((4, 1, 3), None)
+    """
+    features, shape = projected_shape(fn, x_shape, condition, feature_axes)
+
+    def place_projection(name: str, projection: Projection | None) -> Array | None:
+        if projection is None:
+            return None
+        out = projection(features, condition)
+        if np.shape(out)[-1:] != (features,):
+            raise ValueError(
+                f"{fn}: the `{name}` projection of `condition` gives {np.shape(out)[-1]} features, but `x` "
+                f"(shape {tuple(x_shape)}) has {features} on its feature axes {tuple(feature_axes)}; build "
+                f"the layer with `num_features={features}`."
+            )
+        return onto(out, shape)
+
+    return place_projection("scale", scale), place_projection("bias", bias)
