@@ -95,24 +95,54 @@ class _BatchNorm(nn.Module):
         return y
 
 
-def _kernels(cell: nn.Module, x: Array, gates: int) -> tuple[Array, Array]:
-    width = gates * cell.features
-    input_kernel = cell.param("input_kernel", core.per_gate_init(cell.kernel_init, gates),
-                              (x.shape[-1], width), cell.param_dtype)
-    recurrent_kernel = cell.param("recurrent_kernel", core.per_gate_init(cell.recurrent_kernel_init, gates),
-                                  (cell.features, width), cell.param_dtype)
-    return input_kernel, recurrent_kernel
+class _Cell(nn.RNNCellBase):
+    """What the three cells share: the gate kernels and bias of the core's shapes, the carry, the feature axes."""
+
+    def _gate_params(self, inputs: Array, kind: str) -> tuple[Array, Array, Array | None]:
+        """``input_kernel``, ``recurrent_kernel`` and (LSTM) the gate ``bias``, of :func:`core.cell_shapes`."""
+        shapes = core.cell_shapes(kind, inputs.shape[-1], self.features)
+        input_kernel = self.param("input_kernel", core.per_gate_init(self.kernel_init, shapes.num_gates),
+                                  shapes.input_kernel, self.param_dtype)
+        recurrent_kernel = self.param("recurrent_kernel", core.per_gate_init(self.recurrent_kernel_init,
+                                      shapes.num_gates), shapes.recurrent_kernel, self.param_dtype)
+        bias = None if shapes.bias is None else self.param("bias", self.bias_init, shapes.bias, self.param_dtype)
+        return input_kernel, recurrent_kernel, bias
+
+    def _check_hidden(self, fn: str, h: Array) -> None:
+        core.check_hidden_state(fn, h, self.features, name="features", fix="cell.initialize_carry(key, x.shape)")
+
+    def _initial_states(self, rng: Array, input_shape: tuple[int, ...], n: int) -> list[Array]:
+        """``n`` states (c and h, or h) of shape (..., H) from ``carry_init``, one key each."""
+        shape = core.carry_shape(input_shape, self.features)
+        keys = jax.random.split(rng, n) if n > 1 else [rng]
+        return [self.carry_init(key, shape, self.param_dtype) for key in keys]
+
+    @property
+    def num_feature_axes(self) -> int:
+        return 1
 
 
-def _check_carry(fn: str, h: Array, features: int) -> None:
-    if h.shape[-1] != features:
-        raise ValueError(
-            f"{fn}: the carry's hidden state has {h.shape[-1]} features (shape {h.shape}), but the cell has "
-            f"`features`={features}; build the carry with `cell.initialize_carry(key, x.shape)`."
-        )
+class _LayerNormCell(_Cell):
+    """The fields of the layer-normalized cells (flax's ``LSTMCell``/``GRUCell`` ones, then the norms')."""
+
+    features: int
+    gate_fn: Callable[..., Any] = nn.sigmoid
+    activation_fn: Callable[..., Any] = nn.tanh
+    kernel_init: Initializer = default_kernel_init
+    recurrent_kernel_init: Initializer = initializers.orthogonal()
+    bias_init: Initializer = initializers.zeros_init()
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    carry_init: Initializer = initializers.zeros_init()
+    epsilon: float = 1e-6
+    scale_init: Initializer = initializers.ones
+
+    def _norm(self, name: str, bias_init: Initializer) -> _LayerNorm:
+        return _LayerNorm(epsilon=self.epsilon, scale_init=self.scale_init, bias_init=bias_init, dtype=self.dtype,
+                          param_dtype=self.param_dtype, name=name)
 
 
-class LayerNormLSTMCell(nn.RNNCellBase):
+class LayerNormLSTMCell(_LayerNormCell):
     r"""Layer-normalized LSTM cell (Ba, Kiros & Hinton 2016, eqs. 20-22).
 
     Layer norm of the input projection ``W_x x`` and of the recurrent
@@ -155,32 +185,17 @@ class LayerNormLSTMCell(nn.RNNCellBase):
       ((2, 7, 5), ['bias', 'cell_norm', 'input_kernel', 'input_norm', 'recurrent_kernel', 'recurrent_norm'])
     """
 
-    features: int
-    gate_fn: Callable[..., Any] = nn.sigmoid
-    activation_fn: Callable[..., Any] = nn.tanh
-    kernel_init: Initializer = default_kernel_init
-    recurrent_kernel_init: Initializer = initializers.orthogonal()
-    bias_init: Initializer = initializers.zeros_init()
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    carry_init: Initializer = initializers.zeros_init()
-    epsilon: float = 1e-6
-    scale_init: Initializer = initializers.ones
-
     @nn.compact
     def __call__(self, carry: tuple[Array, Array], inputs: Array) -> tuple[tuple[Array, Array], Array]:
         """One step: ``((c, h), x) -> ((c_t, h_t), h_t)``; x (..., D), c and h (..., H)."""
         c, h = carry
-        _check_carry("jaxnorm.linen.LayerNormLSTMCell", h, self.features)
-        input_kernel, recurrent_kernel = _kernels(self, inputs, 4)
-        bias = self.param("bias", self.bias_init, (4 * self.features,), self.param_dtype)
-        norm = dict(epsilon=self.epsilon, scale_init=self.scale_init, bias_init=initializers.zeros_init(),
-                    dtype=self.dtype, param_dtype=self.param_dtype)
+        self._check_hidden("jaxnorm.linen.LayerNormLSTMCell", h)
+        input_kernel, recurrent_kernel, bias = self._gate_params(inputs, "lstm")
+        zeros = initializers.zeros_init()
         new_c, new_h = core.lstm_step(
             c, h, inputs, input_kernel, recurrent_kernel, bias,
-            input_norm=_LayerNorm(**norm, name="input_norm"),
-            recurrent_norm=_LayerNorm(**norm, name="recurrent_norm"),
-            cell_norm=_LayerNorm(**norm, name="cell_norm"),
+            input_norm=self._norm("input_norm", zeros), recurrent_norm=self._norm("recurrent_norm", zeros),
+            cell_norm=self._norm("cell_norm", zeros),
             gate_fn=self.gate_fn, activation_fn=self.activation_fn, dtype=self.dtype,
         )
         return (new_c, new_h), new_h
@@ -188,16 +203,11 @@ class LayerNormLSTMCell(nn.RNNCellBase):
     @nn.nowrap
     def initialize_carry(self, rng: Array, input_shape: tuple[int, ...]) -> tuple[Array, Array]:
         """``(c, h)``, each (..., H), for inputs of shape (..., D)."""
-        key_c, key_h = jax.random.split(rng)
-        shape = (*input_shape[:-1], self.features)
-        return self.carry_init(key_c, shape, self.param_dtype), self.carry_init(key_h, shape, self.param_dtype)
-
-    @property
-    def num_feature_axes(self) -> int:
-        return 1
+        c, h = self._initial_states(rng, input_shape, 2)
+        return c, h
 
 
-class LayerNormGRUCell(nn.RNNCellBase):
+class LayerNormGRUCell(_LayerNormCell):
     r"""Layer-normalized GRU cell (Ba, Kiros & Hinton 2016 applied to flax's ``GRUCell``).
 
     Layer norm of the input projection ``W_x x`` and of the recurrent
@@ -233,30 +243,16 @@ class LayerNormGRUCell(nn.RNNCellBase):
       ((2, 7, 5), (3, 15))
     """
 
-    features: int
-    gate_fn: Callable[..., Any] = nn.sigmoid
-    activation_fn: Callable[..., Any] = nn.tanh
-    kernel_init: Initializer = default_kernel_init
-    recurrent_kernel_init: Initializer = initializers.orthogonal()
-    bias_init: Initializer = initializers.zeros_init()
-    dtype: Dtype | None = None
-    param_dtype: Dtype = jnp.float32
-    carry_init: Initializer = initializers.zeros_init()
-    epsilon: float = 1e-6
-    scale_init: Initializer = initializers.ones
-
     @nn.compact
     def __call__(self, carry: Array, inputs: Array) -> tuple[Array, Array]:
         """One step: ``(h, x) -> (h_t, h_t)``; x (..., D), h (..., H)."""
         h = carry
-        _check_carry("jaxnorm.linen.LayerNormGRUCell", h, self.features)
-        input_kernel, recurrent_kernel = _kernels(self, inputs, 3)
-        norm = dict(epsilon=self.epsilon, scale_init=self.scale_init, bias_init=self.bias_init,
-                    dtype=self.dtype, param_dtype=self.param_dtype)
+        self._check_hidden("jaxnorm.linen.LayerNormGRUCell", h)
+        input_kernel, recurrent_kernel, _ = self._gate_params(inputs, "gru")
         new_h = core.gru_step(
             h, inputs, input_kernel, recurrent_kernel,
-            input_norm=_LayerNorm(**norm, name="input_norm"),
-            recurrent_norm=_LayerNorm(**norm, name="recurrent_norm"),
+            input_norm=self._norm("input_norm", self.bias_init),
+            recurrent_norm=self._norm("recurrent_norm", self.bias_init),
             gate_fn=self.gate_fn, activation_fn=self.activation_fn, dtype=self.dtype,
         )
         return new_h, new_h
@@ -264,14 +260,11 @@ class LayerNormGRUCell(nn.RNNCellBase):
     @nn.nowrap
     def initialize_carry(self, rng: Array, input_shape: tuple[int, ...]) -> Array:
         """h (..., H) for inputs of shape (..., D)."""
-        return self.carry_init(rng, (*input_shape[:-1], self.features), self.param_dtype)
-
-    @property
-    def num_feature_axes(self) -> int:
-        return 1
+        (h,) = self._initial_states(rng, input_shape, 1)
+        return h
 
 
-class BatchNormLSTMCell(nn.RNNCellBase):
+class BatchNormLSTMCell(_Cell):
     r"""Recurrent batch normalization (Cooijmans et al. 2016): an LSTM with per-step batch norm.
 
     Batch norm of the input projection ``W_x x`` and of the recurrent projection
@@ -367,9 +360,8 @@ class BatchNormLSTMCell(nn.RNNCellBase):
                 f"{fn}: `carry` must be the cell's StepCarry (c, h, step, length), got {type(carry).__name__}; "
                 f"build it with `cell.initialize_carry(key, x.shape)` (flax's RNN does so by default)."
             )
-        _check_carry(fn, carry.h, self.features)
-        input_kernel, recurrent_kernel = _kernels(self, inputs, 4)
-        bias = self.param("bias", self.bias_init, (4 * self.features,), self.param_dtype)
+        self._check_hidden(fn, carry.h)
+        input_kernel, recurrent_kernel, bias = self._gate_params(inputs, "lstm")
         mask = core.valid_steps(carry)
         norm = dict(use_running_average=use_running_average, momentum=self.momentum, epsilon=self.epsilon,
                     scale_init=self.scale_init, bias_init=initializers.zeros_init(), dtype=self.dtype,
@@ -398,17 +390,10 @@ class BatchNormLSTMCell(nn.RNNCellBase):
             are padding and stay out of the statistics. Pass the same lengths
             as ``seq_lengths=`` to the RNN.
         """
-        key_c, key_h = jax.random.split(rng)
         batch = tuple(input_shape[:-1])
         lengths = core.check_lengths("jaxnorm.linen.BatchNormLSTMCell.initialize_carry", seq_lengths, batch)
-        shape = (*batch, self.features)
-        c = self.carry_init(key_c, shape, self.param_dtype)
-        h = self.carry_init(key_h, shape, self.param_dtype)
+        c, h = self._initial_states(rng, input_shape, 2)
         return core.init_step_carry(c, h, lengths)
-
-    @property
-    def num_feature_axes(self) -> int:
-        return 1
 
 
 def extend_step_stats(batch_stats: Any, num_steps: int) -> Any:

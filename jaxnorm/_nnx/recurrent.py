@@ -49,12 +49,12 @@ _TENTH = initializers.constant(0.1)  # Cooijmans et al.'s gain initialization
 
 
 class _LayerNorm(nnx.Module):
-    """scale/bias (C,) and one call of :func:`jaxnorm.layer_norm` over the last axis."""
+    """scale/bias of ``shape`` (C,) and one call of :func:`jaxnorm.layer_norm` over the last axis."""
 
-    def __init__(self, num_features: int, *, epsilon: float, scale_init: Initializer, bias_init: Initializer,
+    def __init__(self, shape: tuple[int, ...], *, epsilon: float, scale_init: Initializer, bias_init: Initializer,
                  dtype: Dtype | None, param_dtype: Dtype, rngs: nnx.Rngs):
-        self.scale = nnx.Param(scale_init(rngs.params(), (num_features,), param_dtype))
-        self.bias = nnx.Param(bias_init(rngs.params(), (num_features,), param_dtype))
+        self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype))
+        self.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype))
         self.epsilon = epsilon
         self.dtype = dtype
 
@@ -63,46 +63,32 @@ class _LayerNorm(nnx.Module):
 
 
 class _StepBatchNorm(nnx.Module):
-    """scale (and bias), (max_steps, C) running statistics, one call of :func:`jaxnorm.batch_norm` a step."""
+    """scale (and bias) of ``shape`` (C,), (max_steps, C) running statistics, one :func:`jaxnorm.batch_norm` a step."""
 
-    def __init__(self, num_features: int, *, max_steps: int, use_bias: bool, momentum: float, epsilon: float,
+    def __init__(self, shape: tuple[int, ...], *, max_steps: int, use_bias: bool, momentum: float, epsilon: float,
                  scale_init: Initializer, dtype: Dtype | None, param_dtype: Dtype, rngs: nnx.Rngs):
-        self.scale = nnx.Param(scale_init(rngs.params(), (num_features,), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((num_features,), param_dtype)) if use_bias else nnx.data(None)
-        fresh = jn.init_batch_stats(num_features)
-        self.mean = nnx.BatchStat(jnp.broadcast_to(fresh.mean, (max_steps, num_features)))
-        self.var = nnx.BatchStat(jnp.broadcast_to(fresh.var, (max_steps, num_features)))
-        self.count = nnx.BatchStat(jnp.broadcast_to(fresh.count, (max_steps,)))
+        scale = scale_init(rngs.params(), shape, param_dtype)
+        self.scale = nnx.Param(scale)
+        # zeros made without a key: drawing one here would shift the initialization of every later layer
+        self.bias = nnx.Param(jnp.zeros_like(scale, dtype=param_dtype)) if use_bias else nnx.data(None)
+        fresh = core.init_step_stats(max_steps, shape)
+        self.mean = nnx.BatchStat(fresh.mean)
+        self.var = nnx.BatchStat(fresh.var)
+        self.count = nnx.BatchStat(fresh.count)
         self.momentum = momentum
         self.epsilon = epsilon
         self.dtype = dtype
 
     def __call__(self, x: Array, slot: Array, mask: Array | None, *, training: bool) -> Array:
-        stats = jn.BatchStats(self.mean[...][slot], self.var[...][slot], self.count[...][slot])
+        rows = jn.BatchStats(self.mean[...], self.var[...], self.count[...])
         y, new = jn.batch_norm(
-            x, stats, self.scale[...], None if self.bias is None else self.bias[...], training=training,
-            momentum=self.momentum, epsilon=self.epsilon, mask=mask if training else None, dtype=self.dtype,
+            x, core.step_stats(rows, slot), self.scale[...], None if self.bias is None else self.bias[...],
+            training=training, momentum=self.momentum, epsilon=self.epsilon, mask=mask if training else None,
+            dtype=self.dtype,
         )
         if training:
-            self.mean[...] = self.mean[...].at[slot].set(new.mean)
-            self.var[...] = self.var[...].at[slot].set(new.var)
-            self.count[...] = self.count[...].at[slot].set(new.count)
+            self.mean[...], self.var[...], self.count[...] = core.with_step_stats(rows, slot, new)
         return y
-
-
-def _kernels(cell: nnx.Module, in_features: int, hidden_features: int, gates: int, kernel_init: Initializer,
-             recurrent_kernel_init: Initializer, param_dtype: Dtype, rngs: nnx.Rngs,
-             kernel_metadata: Mapping[str, Any], recurrent_kernel_metadata: Mapping[str, Any]) -> None:
-    width = gates * hidden_features
-    cell.input_kernel = nnx.Param(
-        core.per_gate_init(kernel_init, gates)(rngs.params(), (in_features, width), param_dtype), **kernel_metadata)
-    cell.recurrent_kernel = nnx.Param(
-        core.per_gate_init(recurrent_kernel_init, gates)(rngs.params(), (hidden_features, width), param_dtype),
-        **recurrent_kernel_metadata)
-
-
-def _carry_init(cell: nnx.Module, carry_init: Initializer | None) -> Initializer:
-    return carry_init or cell.carry_init or initializers.zeros_init()
 
 
 def _carry_keys(rngs: Any, n: int) -> list[Array]:
@@ -114,15 +100,50 @@ def _carry_keys(rngs: Any, n: int) -> list[Array]:
     return [rngs() for _ in range(n)]
 
 
-def _check_carry(fn: str, h: Array, features: int) -> None:
-    if h.shape[-1] != features:
-        raise ValueError(
-            f"{fn}: the carry's hidden state has {h.shape[-1]} features (shape {h.shape}), but the cell has "
-            f"`hidden_features`={features}; build the carry with `cell.initialize_carry(x.shape)`."
-        )
+class _Cell(nnx.RNNCellBase):
+    """What the three cells share: the gate kernels and bias of the core's shapes, the options, the carry."""
+
+    def _init_cell(
+        self, kind: str, in_features: int, hidden_features: int, *, gate_fn: Callable[..., Any],
+        activation_fn: Callable[..., Any], kernel_init: Initializer, recurrent_kernel_init: Initializer,
+        gate_bias_init: Initializer | None, dtype: Dtype | None, param_dtype: Dtype, carry_init: Initializer | None,
+        rngs: nnx.Rngs, kernel_metadata: Mapping[str, Any], recurrent_kernel_metadata: Mapping[str, Any],
+        bias_metadata: Mapping[str, Any],
+    ) -> core.CellShapes:
+        """``input_kernel``, ``recurrent_kernel`` and (LSTM) the gate ``bias``, in that order; returns the shapes."""
+        shapes = core.cell_shapes(kind, in_features, hidden_features)
+        self.input_kernel = nnx.Param(core.per_gate_init(kernel_init, shapes.num_gates)(
+            rngs.params(), shapes.input_kernel, param_dtype), **kernel_metadata)
+        self.recurrent_kernel = nnx.Param(core.per_gate_init(recurrent_kernel_init, shapes.num_gates)(
+            rngs.params(), shapes.recurrent_kernel, param_dtype), **recurrent_kernel_metadata)
+        if shapes.bias is not None:
+            self.bias = nnx.Param(gate_bias_init(rngs.params(), shapes.bias, param_dtype), **bias_metadata)
+        self.in_features = in_features
+        self.hidden_features = hidden_features
+        self.gate_fn = gate_fn
+        self.activation_fn = activation_fn
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.carry_init = carry_init
+        return shapes
+
+    def _check_hidden(self, fn: str, h: Array) -> None:
+        core.check_hidden_state(fn, h, self.hidden_features, name="hidden_features",
+                                fix="cell.initialize_carry(x.shape)")
+
+    def _initial_states(self, input_shape: tuple[int, ...], rngs: Any, carry_init: Initializer | None,
+                        n: int) -> list[Array]:
+        """``n`` states (c and h, or h) of shape (..., H), one key each."""
+        init = carry_init or self.carry_init or initializers.zeros_init()
+        shape = core.carry_shape(input_shape, self.hidden_features)
+        return [init(key, shape, self.param_dtype) for key in _carry_keys(rngs, n)]
+
+    @property
+    def num_feature_axes(self) -> int:
+        return 1
 
 
-class LayerNormLSTMCell(nnx.RNNCellBase):
+class LayerNormLSTMCell(_Cell):
     r"""Layer-normalized LSTM cell (Ba, Kiros & Hinton 2016, eqs. 20-22), NNX twin.
 
     ``(i, f, g, o) = LN(W_x x_t) + LN(W_h h_{t-1}) + b``, ``c_t = sigma(f) *
@@ -176,26 +197,22 @@ class LayerNormLSTMCell(nnx.RNNCellBase):
         recurrent_kernel_metadata: Mapping[str, Any] = _EMPTY,
         bias_metadata: Mapping[str, Any] = _EMPTY,
     ):
-        _kernels(self, in_features, hidden_features, 4, kernel_init, recurrent_kernel_init, param_dtype, rngs,
-                 kernel_metadata, recurrent_kernel_metadata)
-        self.bias = nnx.Param(bias_init(rngs.params(), (4 * hidden_features,), param_dtype), **bias_metadata)
+        shapes = self._init_cell(
+            "lstm", in_features, hidden_features, gate_fn=gate_fn, activation_fn=activation_fn,
+            kernel_init=kernel_init, recurrent_kernel_init=recurrent_kernel_init, gate_bias_init=bias_init,
+            dtype=dtype, param_dtype=param_dtype, carry_init=carry_init, rngs=rngs, kernel_metadata=kernel_metadata,
+            recurrent_kernel_metadata=recurrent_kernel_metadata, bias_metadata=bias_metadata,
+        )
         norm = dict(epsilon=epsilon, scale_init=scale_init, bias_init=initializers.zeros_init(), dtype=dtype,
                     param_dtype=param_dtype, rngs=rngs)
-        self.input_norm = _LayerNorm(4 * hidden_features, **norm)
-        self.recurrent_norm = _LayerNorm(4 * hidden_features, **norm)
-        self.cell_norm = _LayerNorm(hidden_features, **norm)
-        self.in_features = in_features
-        self.hidden_features = hidden_features
-        self.gate_fn = gate_fn
-        self.activation_fn = activation_fn
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.carry_init = carry_init
+        self.input_norm = _LayerNorm(shapes.gates, **norm)
+        self.recurrent_norm = _LayerNorm(shapes.gates, **norm)
+        self.cell_norm = _LayerNorm(shapes.hidden, **norm)
 
     def __call__(self, carry: tuple[Array, Array], inputs: Array) -> tuple[tuple[Array, Array], Array]:
         """One step: ``((c, h), x) -> ((c_t, h_t), h_t)``."""
         c, h = carry
-        _check_carry("jaxnorm.nnx.LayerNormLSTMCell", h, self.hidden_features)
+        self._check_hidden("jaxnorm.nnx.LayerNormLSTMCell", h)
         new_c, new_h = core.lstm_step(
             c, h, inputs, self.input_kernel[...], self.recurrent_kernel[...], self.bias[...],
             input_norm=self.input_norm, recurrent_norm=self.recurrent_norm, cell_norm=self.cell_norm,
@@ -206,17 +223,11 @@ class LayerNormLSTMCell(nnx.RNNCellBase):
     def initialize_carry(self, input_shape: tuple[int, ...], rngs: Any = None,
                          carry_init: Initializer | None = None) -> tuple[Array, Array]:
         """``(c, h)``, each (..., H), for inputs of shape (..., D)."""
-        init = _carry_init(self, carry_init)
-        shape = (*input_shape[:-1], self.hidden_features)
-        key_c, key_h = _carry_keys(rngs, 2)
-        return init(key_c, shape, self.param_dtype), init(key_h, shape, self.param_dtype)
-
-    @property
-    def num_feature_axes(self) -> int:
-        return 1
+        c, h = self._initial_states(input_shape, rngs, carry_init, 2)
+        return c, h
 
 
-class LayerNormGRUCell(nnx.RNNCellBase):
+class LayerNormGRUCell(_Cell):
     r"""Layer-normalized GRU cell, NNX twin of :class:`jaxnorm.linen.LayerNormGRUCell`.
 
     ``(r_x, z_x, n_x) = LN(W_x x_t)``, ``(r_h, z_h, n_h) = LN(W_h h_{t-1})``,
@@ -266,23 +277,20 @@ class LayerNormGRUCell(nnx.RNNCellBase):
         kernel_metadata: Mapping[str, Any] = _EMPTY,
         recurrent_kernel_metadata: Mapping[str, Any] = _EMPTY,
     ):
-        _kernels(self, in_features, hidden_features, 3, kernel_init, recurrent_kernel_init, param_dtype, rngs,
-                 kernel_metadata, recurrent_kernel_metadata)
+        shapes = self._init_cell(
+            "gru", in_features, hidden_features, gate_fn=gate_fn, activation_fn=activation_fn,
+            kernel_init=kernel_init, recurrent_kernel_init=recurrent_kernel_init, gate_bias_init=None,
+            dtype=dtype, param_dtype=param_dtype, carry_init=carry_init, rngs=rngs, kernel_metadata=kernel_metadata,
+            recurrent_kernel_metadata=recurrent_kernel_metadata, bias_metadata=_EMPTY,
+        )
         norm = dict(epsilon=epsilon, scale_init=scale_init, bias_init=bias_init, dtype=dtype,
                     param_dtype=param_dtype, rngs=rngs)
-        self.input_norm = _LayerNorm(3 * hidden_features, **norm)
-        self.recurrent_norm = _LayerNorm(3 * hidden_features, **norm)
-        self.in_features = in_features
-        self.hidden_features = hidden_features
-        self.gate_fn = gate_fn
-        self.activation_fn = activation_fn
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.carry_init = carry_init
+        self.input_norm = _LayerNorm(shapes.gates, **norm)
+        self.recurrent_norm = _LayerNorm(shapes.gates, **norm)
 
     def __call__(self, carry: Array, inputs: Array) -> tuple[Array, Array]:
         """One step: ``(h, x) -> (h_t, h_t)``."""
-        _check_carry("jaxnorm.nnx.LayerNormGRUCell", carry, self.hidden_features)
+        self._check_hidden("jaxnorm.nnx.LayerNormGRUCell", carry)
         new_h = core.gru_step(
             carry, inputs, self.input_kernel[...], self.recurrent_kernel[...],
             input_norm=self.input_norm, recurrent_norm=self.recurrent_norm,
@@ -293,15 +301,11 @@ class LayerNormGRUCell(nnx.RNNCellBase):
     def initialize_carry(self, input_shape: tuple[int, ...], rngs: Any = None,
                          carry_init: Initializer | None = None) -> Array:
         """h (..., H) for inputs of shape (..., D)."""
-        (key,) = _carry_keys(rngs, 1)
-        return _carry_init(self, carry_init)(key, (*input_shape[:-1], self.hidden_features), self.param_dtype)
-
-    @property
-    def num_feature_axes(self) -> int:
-        return 1
+        (h,) = self._initial_states(input_shape, rngs, carry_init, 1)
+        return h
 
 
-class BatchNormLSTMCell(nnx.RNNCellBase):
+class BatchNormLSTMCell(_Cell):
     r"""Recurrent batch normalization (Cooijmans et al. 2016), NNX twin of :class:`jaxnorm.linen.BatchNormLSTMCell`.
 
     ``(i, f, g, o) = BN(W_x x_t) + BN(W_h h_{t-1}) + b``, ``c_t = sigma(f) *
@@ -374,23 +378,19 @@ class BatchNormLSTMCell(nnx.RNNCellBase):
     ):
         max_steps = core.check_num_steps("jaxnorm.nnx.BatchNormLSTMCell", max_steps, "max_steps")
         checks.check_epsilon("jaxnorm.nnx.BatchNormLSTMCell", epsilon)
-        _kernels(self, in_features, hidden_features, 4, kernel_init, recurrent_kernel_init, param_dtype, rngs,
-                 kernel_metadata, recurrent_kernel_metadata)
-        self.bias = nnx.Param(bias_init(rngs.params(), (4 * hidden_features,), param_dtype), **bias_metadata)
+        shapes = self._init_cell(
+            "lstm", in_features, hidden_features, gate_fn=gate_fn, activation_fn=activation_fn,
+            kernel_init=kernel_init, recurrent_kernel_init=recurrent_kernel_init, gate_bias_init=bias_init,
+            dtype=dtype, param_dtype=param_dtype, carry_init=carry_init, rngs=rngs, kernel_metadata=kernel_metadata,
+            recurrent_kernel_metadata=recurrent_kernel_metadata, bias_metadata=bias_metadata,
+        )
         norm = dict(max_steps=max_steps, momentum=momentum, epsilon=epsilon, scale_init=scale_init, dtype=dtype,
                     param_dtype=param_dtype, rngs=rngs)
-        self.input_norm = _StepBatchNorm(4 * hidden_features, use_bias=False, **norm)
-        self.recurrent_norm = _StepBatchNorm(4 * hidden_features, use_bias=False, **norm)
-        self.cell_norm = _StepBatchNorm(hidden_features, use_bias=True, **norm)
-        self.in_features = in_features
-        self.hidden_features = hidden_features
+        self.input_norm = _StepBatchNorm(shapes.gates, use_bias=False, **norm)
+        self.recurrent_norm = _StepBatchNorm(shapes.gates, use_bias=False, **norm)
+        self.cell_norm = _StepBatchNorm(shapes.hidden, use_bias=True, **norm)
         self.max_steps = max_steps
         self.use_running_average = use_running_average
-        self.gate_fn = gate_fn
-        self.activation_fn = activation_fn
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.carry_init = carry_init
 
     def __call__(self, carry: StepCarry, inputs: Array) -> tuple[StepCarry, Array]:
         """One step: ``(carry, x) -> (carry_t, h_t)``; in training also updates this step's statistics."""
@@ -401,7 +401,7 @@ class BatchNormLSTMCell(nnx.RNNCellBase):
                 f"{fn}: `carry` must be the cell's StepCarry (c, h, step, length), got {type(carry).__name__}; "
                 f"build it with `cell.initialize_carry(x.shape)` (nnx.RNN does so by default)."
             )
-        _check_carry(fn, carry.h, self.hidden_features)
+        self._check_hidden(fn, carry.h)
         slot = core.step_slot(carry.step, self.max_steps)
         mask = core.valid_steps(carry)
 
@@ -428,14 +428,8 @@ class BatchNormLSTMCell(nnx.RNNCellBase):
         """
         batch = tuple(input_shape[:-1])
         lengths = core.check_lengths("jaxnorm.nnx.BatchNormLSTMCell.initialize_carry", seq_lengths, batch)
-        init = _carry_init(self, carry_init)
-        shape = (*batch, self.hidden_features)
-        key_c, key_h = _carry_keys(rngs, 2)
-        return core.init_step_carry(init(key_c, shape, self.param_dtype), init(key_h, shape, self.param_dtype), lengths)
-
-    @property
-    def num_feature_axes(self) -> int:
-        return 1
+        c, h = self._initial_states(input_shape, rngs, carry_init, 2)
+        return core.init_step_carry(c, h, lengths)
 
     def set_view(self, use_running_average: bool | None = None) -> None:
         """Used by ``nnx.view``: sets ``use_running_average`` when given."""

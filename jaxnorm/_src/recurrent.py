@@ -29,6 +29,10 @@ in as callables, so no normalization formula lives in this file either.
 - :func:`extend_steps`: per-step statistics of T steps fitted to another
   number of steps, repeating the last step's beyond T (Cooijmans et al. 2016,
   section 4: "statistics for time steps beyond T_max are those of T_max").
+- :func:`cell_shapes`, :func:`carry_shape`, :func:`per_gate_init`,
+  :func:`init_step_stats`: the parameters and state a cell declares, so that
+  the Flax cells only name them (the gate count k stands once, in
+  :data:`NUM_GATES`).
 """
 
 from __future__ import annotations
@@ -40,8 +44,65 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnorm._src.state import BatchStats, init_batch_stats
+
 Array = jax.Array
 Norm = Callable[[Array], Array]
+
+NUM_GATES = {"lstm": 4, "gru": 3}
+"""Gate pre-activations per hidden unit: the LSTM's i, f, g, o and the GRU's r, z, n (flax's orders)."""
+
+
+class CellShapes(NamedTuple):
+    """The parameter shapes of a normalized cell with k gates, D inputs and H hidden units.
+
+    Attributes:
+      num_gates: k (:data:`NUM_GATES`).
+      input_kernel: (D, kH), the input projection ``W_x``.
+      recurrent_kernel: (H, kH), the recurrent projection ``W_h``.
+      gates: (kH,): the gate bias ``b`` and the projections' norms' gain and bias.
+      hidden: (H,): the cell state's norm's gain and bias.
+      bias: (kH,) for the LSTM's gate bias; None for the GRU, whose norms' biases take its place.
+
+    Example:
+      >>> cell_shapes("lstm", 3, 5).input_kernel, cell_shapes("gru", 3, 5).bias
+      ((3, 20), None)
+    """
+
+    num_gates: int
+    input_kernel: tuple[int, int]
+    recurrent_kernel: tuple[int, int]
+    gates: tuple[int]
+    hidden: tuple[int]
+    bias: tuple[int] | None
+
+
+def cell_shapes(kind: str, in_features: int, hidden_features: int) -> CellShapes:
+    """The :class:`CellShapes` of an ``"lstm"`` or ``"gru"`` cell with D = ``in_features``, H = ``hidden_features``."""
+    k = NUM_GATES[kind]
+    width = k * hidden_features
+    return CellShapes(
+        num_gates=k,
+        input_kernel=(in_features, width),
+        recurrent_kernel=(hidden_features, width),
+        gates=(width,),
+        hidden=(hidden_features,),
+        bias=(width,) if kind == "lstm" else None,
+    )
+
+
+def carry_shape(input_shape: tuple[int, ...], hidden_features: int) -> tuple[int, ...]:
+    """(..., H): the shape of ``c`` and ``h`` for one step's input of shape (..., D)."""
+    return (*tuple(input_shape)[:-1], hidden_features)
+
+
+def check_hidden_state(fn: str, h: Array, features: int, *, name: str, fix: str) -> None:
+    """The carry's hidden state must have the cell's H features on its last axis."""
+    if h.shape[-1] != features:
+        raise ValueError(
+            f"{fn}: the carry's hidden state has {h.shape[-1]} features (shape {h.shape}), but the cell has "
+            f"`{name}`={features}; build the carry with `{fix}`."
+        )
 
 
 class StepCarry(NamedTuple):
@@ -109,6 +170,26 @@ def step_slot(step: Array, max_steps: int) -> Array:
     return jnp.minimum(jnp.max(step), max_steps - 1).astype(jnp.int32)
 
 
+def init_step_stats(max_steps: int, feature_shape: tuple[int, ...]) -> BatchStats:
+    """Fresh statistics of every step: ``max_steps`` rows of :func:`jaxnorm.init_batch_stats`.
+
+    Shapes: mean and var (max_steps, C...), count (max_steps,) for ``feature_shape`` (C...).
+    """
+    fresh = init_batch_stats(feature_shape)
+    return BatchStats(*(jnp.broadcast_to(a, (max_steps, *a.shape)) for a in fresh))
+
+
+def step_stats(stats: BatchStats, slot: Array) -> BatchStats:
+    """The statistics of one step: row ``slot`` (:func:`step_slot`) of per-step statistics."""
+    return BatchStats(stats.mean[slot], stats.var[slot], stats.count[slot])
+
+
+def with_step_stats(stats: BatchStats, slot: Array, new: BatchStats) -> BatchStats:
+    """Per-step statistics with row ``slot`` replaced by ``new``."""
+    return BatchStats(stats.mean.at[slot].set(new.mean), stats.var.at[slot].set(new.var),
+                      stats.count.at[slot].set(new.count))
+
+
 def _mm(a: Array, kernel: Array, dtype: Any) -> Array:
     """``a @ kernel`` over the last axis, in flax Dense's dtype rule (promote, or ``dtype``)."""
     dtype = jnp.result_type(a, kernel) if dtype is None else dtype
@@ -138,7 +219,7 @@ def lstm_step(
     (..., 4H) to itself, ``cell_norm`` (..., H) to itself.
     """
     gates = input_norm(_mm(x, input_kernel, dtype)) + recurrent_norm(_mm(h, recurrent_kernel, dtype)) + bias
-    i, f, g, o = jnp.split(gates, 4, axis=-1)
+    i, f, g, o = jnp.split(gates, NUM_GATES["lstm"], axis=-1)
     new_c = gate_fn(f) * c + gate_fn(i) * activation_fn(g)
     new_h = gate_fn(o) * activation_fn(cell_norm(new_c))
     return new_c, new_h
@@ -161,8 +242,8 @@ def gru_step(
     Shapes: x (..., D), h (..., H), input_kernel (D, 3H), recurrent_kernel
     (H, 3H), gates r, z, n along the last axis (flax's order).
     """
-    r_x, z_x, n_x = jnp.split(input_norm(_mm(x, input_kernel, dtype)), 3, axis=-1)
-    r_h, z_h, n_h = jnp.split(recurrent_norm(_mm(h, recurrent_kernel, dtype)), 3, axis=-1)
+    r_x, z_x, n_x = jnp.split(input_norm(_mm(x, input_kernel, dtype)), NUM_GATES["gru"], axis=-1)
+    r_h, z_h, n_h = jnp.split(recurrent_norm(_mm(h, recurrent_kernel, dtype)), NUM_GATES["gru"], axis=-1)
     r = gate_fn(r_x + r_h)
     z = gate_fn(z_x + z_h)
     n = activation_fn(n_x + r * n_h)
