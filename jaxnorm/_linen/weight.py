@@ -38,9 +38,9 @@ import jax
 import jax.numpy as jnp
 from flax.linen import dtypes, initializers
 
-from jaxnorm._src.spectral_norm import init_spectral_state, spectral_norm
+from jaxnorm._src.spectral_norm import check_matrix, init_spectral_state, spectral_norm
 from jaxnorm._src.state import SpectralState
-from jaxnorm._src.weight_norm import feature_and_reduced_axes, weight_norm, weight_standardize
+from jaxnorm._src.weight_norm import feature_and_reduced_axes, scale_shape, weight_norm, weight_standardize
 
 Dtype = Any
 Initializer = Any
@@ -51,7 +51,7 @@ __all__ = ["SpectralNorm", "WeightNorm", "WeightStandardization"]
 
 def _str_path(layer: nn.Module, path: Any) -> str:
     """flax's name of a wrapped variable: ``<layer>/<path without the collection>``."""
-    return layer.name + "/" + jax.tree_util.keystr(path[1:], simple=True, separator="/")
+    return f"{layer.name}/{jax.tree_util.keystr(path[1:], simple=True, separator='/')}"
 
 
 def _selected(variable_filter: Iterable[str] | None, str_path: str) -> bool:
@@ -121,8 +121,7 @@ class WeightNorm(nn.Module):
         feat, _ = feature_and_reduced_axes("WeightNorm", self.feature_axes, value.shape)
         scale = None
         if self.use_scale:
-            shape = tuple(value.shape[a] for a in feat)
-            scale = self.param(str_path + "/scale", self.scale_init, shape, self.param_dtype)
+            scale = self.param(f"{str_path}/scale", self.scale_init, scale_shape(value.shape, feat), self.param_dtype)
         dtype = dtypes.canonicalize_dtype(vs, scale, dtype=self.dtype)
         return weight_norm(value, scale, feature_axes=feat, epsilon=self.epsilon, dtype=dtype)
 
@@ -185,12 +184,7 @@ class SpectralNorm(nn.Module):
         if value.ndim <= 1 or self.n_steps < 1:
             return value
         base = _str_path(self.layer_instance, path)
-        if value.ndim > 2 and self.error_on_non_matrix:
-            raise ValueError(
-                f"SpectralNorm: `error_on_non_matrix`=True, but the wrapped variable {base!r} has "
-                f"shape {value.shape} (rank {value.ndim}); pass `error_on_non_matrix=False` to "
-                f"normalize it as a ({value.size // value.shape[-1]}, {value.shape[-1]}) matrix."
-            )
+        check_matrix("SpectralNorm", f"variable {base!r}", value.shape, error_on_non_matrix=self.error_on_non_matrix)
         fresh: list[SpectralState] = []
 
         def init(field: str) -> Any:
@@ -198,8 +192,8 @@ class SpectralNorm(nn.Module):
                 fresh.append(init_spectral_state(self.make_rng("params"), value.shape, dtype=self.param_dtype))
             return getattr(fresh[0], field)
 
-        u_var = self.variable(self.collection_name, base + "/u", init, "u")
-        sigma_var = self.variable(self.collection_name, base + "/sigma", init, "sigma")
+        u_var = self.variable(self.collection_name, f"{base}/u", init, "u")
+        sigma_var = self.variable(self.collection_name, f"{base}/sigma", init, "sigma")
         state = SpectralState(u_var.value, sigma_var.value)
         dtype = dtypes.canonicalize_dtype(vs, state.u, dtype=self.dtype)
         out, new = spectral_norm(

@@ -38,9 +38,9 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 
-from jaxnorm._src.spectral_norm import spectral_norm
+from jaxnorm._src.spectral_norm import check_matrix, spectral_norm, u_shape
 from jaxnorm._src.state import SpectralState
-from jaxnorm._src.weight_norm import feature_and_reduced_axes, weight_norm, weight_standardize
+from jaxnorm._src.weight_norm import feature_and_reduced_axes, scale_shape, weight_norm, weight_standardize
 
 Dtype = Any
 Initializer = Any
@@ -126,7 +126,7 @@ class WeightNorm(nnx.Module):
             scales = {}
             for path, param in _params(layer_instance, self.variable_filter):
                 feat, _ = feature_and_reduced_axes("WeightNorm", self.feature_axes, param.shape)
-                scales[path] = nnx.Param(scale_init(rngs.params(), tuple(param.shape[a] for a in feat), param_dtype))
+                scales[path] = nnx.Param(scale_init(rngs.params(), scale_shape(param.shape, feat), param_dtype))
             self.scales = nnx.data(scales)
 
     def __call__(self, x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -206,8 +206,8 @@ class SpectralNorm(nnx.Module):
         for path, param in self._matrices():
             key = rngs.params()
             # flax nnx's draw (stddev 0.01; linen's is 1): the same key gives flax's state
-            stats[path + ("u",)] = nnx.BatchStat(initializers.normal()(key, (1, param.shape[-1]), param_dtype))
-            stats[path + ("sigma",)] = nnx.BatchStat(initializers.ones(key, (), param_dtype))
+            stats[(*path, "u")] = nnx.BatchStat(initializers.normal()(key, u_shape(param.shape), param_dtype))
+            stats[(*path, "sigma")] = nnx.BatchStat(initializers.ones(key, (), param_dtype))
         self.batch_stats = nnx.data(stats)
 
     def _matrices(self) -> list[tuple[tuple[Any, ...], Any]]:
@@ -217,13 +217,8 @@ class SpectralNorm(nnx.Module):
         for path, param in _params(self.layer_instance):
             if param.ndim <= 1:
                 continue
-            if param.ndim > 2 and self.error_on_non_matrix:
-                raise ValueError(
-                    f"SpectralNorm: `error_on_non_matrix`=True, but the wrapped parameter {path!r} "
-                    f"has shape {tuple(param.shape)} (rank {param.ndim}); pass "
-                    f"`error_on_non_matrix=False` to normalize it as a "
-                    f"({param.size // param.shape[-1]}, {param.shape[-1]}) matrix."
-                )
+            check_matrix("SpectralNorm", f"parameter {path!r}", param.shape,
+                         error_on_non_matrix=self.error_on_non_matrix)
             out.append((path, param))
         return out
 
@@ -238,13 +233,13 @@ class SpectralNorm(nnx.Module):
         update_stats = not self.use_running_average if update_stats is None else update_stats
         replacements = []
         for path, param in self._matrices():
-            if path + ("u",) not in self.batch_stats:
+            if (*path, "u") not in self.batch_stats:
                 raise ValueError(
                     f"SpectralNorm: the wrapped layer has a parameter {path!r} that was not there "
                     f"when the SpectralNorm was built, so it has no `u`; build the SpectralNorm "
                     f"after the layer's parameters exist."
                 )
-            u_var, sigma_var = self.batch_stats[path + ("u",)], self.batch_stats[path + ("sigma",)]
+            u_var, sigma_var = self.batch_stats[(*path, "u")], self.batch_stats[(*path, "sigma")]
             value = param.get_value()
             state = SpectralState(u_var.get_value(), sigma_var.get_value())
             dtype = dtypes.canonicalize_dtype(value, state.u, dtype=self.dtype)

@@ -21,8 +21,8 @@ whether the new ``u`` and ``sigma`` are returned as the new state. The stored
 :func:`jaxnorm.fold_spectral_norm` (in ``folding.py``) freezes a layer with it.
 
 Kernels of rank 0 or 1 (biases, scales) are returned unchanged with the state
-as it was, as flax leaves them; flax's ``error_on_non_matrix`` lives in the
-layers. Arithmetic runs in at least float32 and the state's dtype.
+as it was, as flax leaves them; flax's ``error_on_non_matrix`` is a field of
+the layers, which pass it to :func:`check_matrix`. Arithmetic runs in at least float32 and the state's dtype.
 
 PyTorch (``torch.nn.utils.spectral_norm``) iterates on the (out, in) matrix
 with ``u`` over the outputs too, so its ``weight_u`` is this ``u``; it skips
@@ -79,7 +79,37 @@ def init_spectral_state(key: Array, kernel_shape: Sequence[int], *, dtype: Any =
             f"matrix (rank >= 2; higher ranks are viewed as (-1, out)); arrays of rank < 2 "
             f"pass through jn.spectral_norm unchanged and need no state."
         )
-    return SpectralState(jax.random.normal(key, (1, shape[-1]), dtype), jnp.ones((), dtype))
+    return SpectralState(jax.random.normal(key, u_shape(shape), dtype), jnp.ones((), dtype))
+
+
+def u_shape(kernel_shape: Sequence[int]) -> tuple[int, int]:
+    """(1, out): the shape of the power-iteration vector ``u`` of a kernel (its last axis is ``out``)."""
+    return (1, int(kernel_shape[-1]))
+
+
+def matrix_shape(kernel_shape: Sequence[int]) -> tuple[int, int]:
+    """(rows, out): the matrix a kernel of rank >= 2 is viewed as, ``kernel.reshape(-1, out)``."""
+    return (int(np.prod(kernel_shape[:-1])), int(kernel_shape[-1]))
+
+
+def check_matrix(fn: str, what: str, kernel_shape: Sequence[int], *, error_on_non_matrix: bool) -> None:
+    """flax's ``error_on_non_matrix``: with it, a wrapped variable of rank > 2 is an error.
+
+    Args:
+      fn: the layer's name for the message.
+      what: the variable, e.g. ``"variable 'layer_instance/kernel'"``.
+      kernel_shape: its shape.
+      error_on_non_matrix: the layer's field.
+
+    Raises:
+      ValueError: ``error_on_non_matrix`` and a rank above 2.
+    """
+    shape = tuple(int(d) for d in kernel_shape)
+    if error_on_non_matrix and len(shape) > 2:
+        raise ValueError(
+            f"{fn}: `error_on_non_matrix`=True, but the wrapped {what} has shape {shape} (rank {len(shape)}); "
+            f"pass `error_on_non_matrix=False` to normalize it as a {matrix_shape(shape)} matrix."
+        )
 
 
 def check_n_steps(fn: str, n_steps: Any) -> int:
@@ -95,18 +125,17 @@ def check_n_steps(fn: str, n_steps: Any) -> int:
 
 def check_spectral_state(fn: str, state: Any, kernel_shape: tuple[int, ...]) -> None:
     """``state`` must be a SpectralState with ``u`` (1, out) and a scalar ``sigma``."""
-    out = kernel_shape[-1]
     if not (hasattr(state, "u") and hasattr(state, "sigma")):
         raise ValueError(
             f"{fn}: `state` must be a jn.SpectralState, got {type(state).__name__}; create it "
             f"with `jn.init_spectral_state(key, kernel.shape)`."
         )
-    for name, want in (("u", (1, out)), ("sigma", ())):
+    for name, want in (("u", u_shape(kernel_shape)), ("sigma", ())):
         got = tuple(np.shape(getattr(state, name)))
         if got != want:
             raise ValueError(
                 f"{fn}: `state.{name}` has shape {got}, but `kernel` of shape "
-                f"{tuple(kernel_shape)} (viewed as ({int(np.prod(kernel_shape[:-1]))}, {out})) "
+                f"{tuple(kernel_shape)} (viewed as {matrix_shape(kernel_shape)}) "
                 f"needs {want}; create the state with `jn.init_spectral_state(key, "
                 f"{tuple(kernel_shape)})`."
             )

@@ -79,10 +79,20 @@ def feature_and_reduced_axes(
     return feat, tuple(a for a in range(ndim) if a not in feat)
 
 
+def scale_shape(kernel_shape: tuple[int, ...], feature_axes: tuple[int, ...]) -> tuple[int, ...]:
+    """flax's shape of a weight-norm ``scale``: the kernel's sizes on its (non-negative) feature axes.
+
+    Example:
+      >>> scale_shape((3, 3, 2, 8), (3,))
+      (8,)
+    """
+    return tuple(kernel_shape[a] for a in feature_axes)
+
+
 def _scale_shape(fn: str, scale: Any, shape: tuple[int, ...], feat: tuple[int, ...], feature_axes: Any) -> tuple:
     """The broadcast shape of ``scale``: flax's (features...) or the kernel's rank with 1 on the fan-in."""
     keep = tuple(shape[a] if a in feat else 1 for a in range(len(shape)))
-    compact = tuple(shape[a] for a in feat)
+    compact = scale_shape(shape, feat)
     got = tuple(np.shape(scale))
     if got not in (compact, keep):
         raise ValueError(
