@@ -465,3 +465,30 @@ def test_errors():
     with pytest.raises(ValueError, match=r"nnx.BatchNormLSTMCell: `use_running_average` must be a Python bool"):
         bad = jnx.BatchNormLSTMCell(D, H, max_steps=T, use_running_average=None, rngs=nnx.Rngs(0))
         bad(bad.initialize_carry((N, D)), XS[:, 0])
+    with pytest.raises(ValueError, match=r"nnx.LayerNormGRUCell: the carry's hidden state has 3 features.*"
+                       r"`hidden_features`=5.*initialize_carry\(x.shape\)"):
+        jnx.LayerNormGRUCell(D, H, rngs=nnx.Rngs(0))(jnp.zeros((N, 3)), XS[:, 0])
+
+
+def test_per_step_statistics_rows():
+    """The core's per-step rows: a fresh row is init_batch_stats', a write replaces its row only."""
+    import jaxnorm
+    from jaxnorm._src import recurrent as core
+
+    rows = core.init_step_stats(T, (H,))
+    chex.assert_shape((rows.mean, rows.var, rows.count), [(T, H), (T, H), (T,)])
+    np.testing.assert_array_equal(rows.mean, np.zeros((T, H)))
+    np.testing.assert_array_equal(rows.var, np.ones((T, H)))
+    new = jaxnorm.BatchStats(jnp.full((H,), 2.0), jnp.full((H,), 3.0), jnp.asarray(7, jnp.int32))
+    written = core.with_step_stats(rows, jnp.asarray(2), new)
+    expect_mean = np.zeros((T, H))
+    expect_mean[2] = 2.0
+    np.testing.assert_array_equal(written.mean, expect_mean)
+    np.testing.assert_array_equal(written.count, [0, 0, 7, 0])
+    np.testing.assert_array_equal(rows.count, np.zeros(T))  # the input is unchanged
+    read = core.step_stats(written, jnp.asarray(2))
+    np.testing.assert_array_equal(read.var, np.full(H, 3.0))
+    assert int(read.count) == 7
+    shapes = core.cell_shapes("lstm", D, H)
+    assert (shapes.input_kernel, shapes.recurrent_kernel, shapes.bias) == ((D, 4 * H), (H, 4 * H), (4 * H,))
+    assert core.cell_shapes("gru", D, H).recurrent_kernel == (H, 3 * H) and core.cell_shapes("gru", D, H).bias is None
