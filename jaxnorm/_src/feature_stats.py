@@ -185,7 +185,7 @@ def count_as_float(count: Array, dtype: Any) -> Array:
     return count[..., 0].astype(dtype) * float(1 << LIMB_BITS) + count[..., 1].astype(dtype)
 
 
-def _limbs(n: Array) -> Array:
+def as_limbs(n: Array) -> Array:
     """Non-negative int32 counts (feature shape) as two limbs (feature shape + (2,))."""
     n = jnp.asarray(n, jnp.int32)
     return jnp.stack([n >> LIMB_BITS, n & _LOW], axis=-1)
@@ -219,8 +219,11 @@ def _merge_moments(a: Moments, b: Moments) -> Moments:
     return merge_stacked(jax.tree.map(lambda u, v: jnp.stack([u, v]), a, b))
 
 
-def _merged_state(a: FeatureStats, b_moments: Moments, b_count: Array) -> FeatureStats:
-    """The state holding a's values and b's (``b_count``: b's exact limb count)."""
+def merged_state(a: FeatureStats, b_moments: Moments, b_count: Array) -> FeatureStats:
+    """The state holding a's values and b's (``b_count``: b's exact limb count).
+
+    Also the fold of PreciseBN's exact mode (:func:`jaxnorm._src.batch_norm.fold_exact`).
+    """
     m = _merge_moments(_as_moments(a), b_moments)
     mean, residual = _two_sum(m.shift, m.offset)
     new = FeatureStats(add_counts(a.count, b_count), mean, m.var * m.count, residual)
@@ -298,7 +301,7 @@ def _batch_count(m: Moments, x: Array, lay: Layout, mask: Array | None, axis_nam
         n = jnp.sum(jnp.broadcast_to(mask, x.shape), lay.reduction_axes, dtype=jnp.int32)
     else:
         n = jnp.round(jnp.broadcast_to(m.count, m.var.shape)).astype(jnp.int32)
-    return _limbs(jnp.reshape(n, fs))
+    return as_limbs(jnp.reshape(n, fs))
 
 
 def update_feature_stats(
@@ -366,7 +369,7 @@ def update_feature_stats(
     m = compute_moments(x, lay.reduction_axes, mask=mask, axis_name=axis_name, axis_index_groups=groups)
     dtype = stats.mean.dtype
     batch = Moments(*(jnp.reshape(jnp.broadcast_to(a, m.var.shape), lay.feature_shape).astype(dtype) for a in m))
-    new = _merged_state(stats, batch, _batch_count(m, x, lay, mask, axis_name, groups))
+    new = merged_state(stats, batch, _batch_count(m, x, lay, mask, axis_name, groups))
     ok = jnp.all(jnp.isfinite(batch.mean) & jnp.isfinite(batch.var) & jnp.isfinite(new.mean) & jnp.isfinite(new.m2))
     return jax.tree.map(lax.stop_gradient, _where(ok, new, stats))
 
@@ -406,8 +409,8 @@ def merge_feature_stats(a: FeatureStats, b: FeatureStats) -> FeatureStats:
             f"cast one with `jax.tree.map(lambda v: v.astype(...), b)` (keeping `count` int32) or "
             f"create both with the same `dtype`."
         )
-    merged = _merged_state(a, _as_moments(b), b.count)
-    # A state that saw nothing takes the other bit for bit (b empty is handled in _merged_state).
+    merged = merged_state(a, _as_moments(b), b.count)
+    # A state that saw nothing takes the other bit for bit (b empty is handled in merged_state).
     return _where(a.num_values <= 0, b, merged)
 
 
