@@ -405,3 +405,21 @@ def test_nnx_exact_population_in_place():
     model.train()
     model(xs[0])
     assert int(model.bn.count[...]) == len(xs) + 1
+
+
+def test_the_guide_example_prints_what_the_guide_shows():
+    """docs/guides/small_batches.md: the average-vs-exact block runs and prints the text block below it."""
+    import contextlib
+    import io
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).parents[1] / "docs" / "guides" / "small_batches.md").read_text()
+    block = r"((?:(?!```).)*)"  # a fenced block's body
+    found = re.findall(r"```python\n" + block + r"```\n\nprints \([^\n]*\n\n```text\n" + block + "```", text, re.S)
+    assert len(found) == 1 and 'population="exact"' in found[0][0]
+    code, shown = found[0]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, "small_batches.md", "exec"), {"__name__": "guide_precise_bn"})  # noqa: S102
+    assert printed.getvalue() == shown
