@@ -23,6 +23,22 @@ with non-finite statistics is skipped as in training. Nothing ambient is read
 by the core: the same ``update`` traced with plain ``BatchStats`` behaves as
 in training, and a jitted ``update`` simply retraces for the new type.
 
+The exact mode (``population="exact"``) marks the nodes as
+:class:`~jaxnorm._src.state.ExactRecalibrationStats` instead, whose count
+holds the batches folded and each feature's exact value count (see that
+class). Batch norm then merges every batch's moments into the node's with
+Chan, Golub & LeVeque's pairwise formula, the function
+:func:`jaxnorm.update_feature_stats` folds with, so after the pass each layer
+holds the mean and variance of all valid values of all batches together
+(``unbiased``: ``N/(N-1)`` of that over the N values); :func:`finish` turns
+the count back into the batches folded. Why both: the average is Wu &
+Johnson's estimator (their section 3); the exact moments are the pooled
+estimate of their appendix, which differs when the batches have different
+counts (sizes, masks), when their means differ (the average of per-batch
+variances leaves out the variance of the batch means), and with small
+batches (a biased batch variance is on average ``(m-1)/m`` of the
+population's). ``docs/guides/small_batches.md`` shows the difference.
+
 The Flax layers keep their statistics as plain variables (no NamedTuple type
 to carry the mark), so :mod:`jaxnorm._flax_common` holds the one switch
 the Flax side has (``recalibrating``), under which a jaxnorm layer builds its
