@@ -75,7 +75,10 @@ def test_streamed_batches_of_varying_size():
 
 
 def test_large_offset_many_batches_in_scan():
-    """float32 data of mean 1e4 and std 1e-2: variance right to 1e-4 over 1000 batches (target 1e-3)."""
+    """float32 data of mean 1e4 and std 1e-2: variance right to 5e-6 over 1000 batches (target 1e-3).
+
+    The bounds are the ones FeatureStats' docstring and the feature_stats module docstring state.
+    """
     rng = np.random.default_rng(1)
     data = (1e4 + 1e-2 * rng.standard_normal((1000, 64, 3))).astype(np.float32)
 
@@ -86,7 +89,7 @@ def test_large_offset_many_batches_in_scan():
     s = stream(jnp.asarray(data))
     mean, var, n = ref_stats(data.reshape(-1, 3), 0)
     np.testing.assert_array_equal(s.exact_count(), n)
-    np.testing.assert_allclose(np.asarray(s.var, np.float64), var, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(s.var, np.float64), var, rtol=5e-6)
     # the mean to a thousandth of a standard deviation (float32 holds 1e4 to 5e-4 = 0.05 std)
     full_mean = np.asarray(s.mean, np.float64) + np.asarray(s.mean_residual, np.float64)
     np.testing.assert_allclose(full_mean, mean, atol=1e-3 * np.sqrt(var).min())
@@ -104,7 +107,7 @@ def test_large_offset_many_batches_in_scan():
         return jax.lax.scan(step, jn.init_feature_stats(3), xs)[0]
 
     plain = stream_without_residual(jnp.asarray(data))
-    assert np.max(np.abs(np.asarray(plain.var, np.float64) / var - 1)) > 1e-3
+    assert np.max(np.abs(np.asarray(plain.var, np.float64) / var - 1)) > 5e-3  # the 1e-3 target missed
 
 
 @settings(max_examples=15, deadline=None)
