@@ -423,3 +423,29 @@ def test_the_guide_example_prints_what_the_guide_shows():
     with contextlib.redirect_stdout(printed):
         exec(compile(code, "small_batches.md", "exec"), {"__name__": "guide_precise_bn"})  # noqa: S102
     assert printed.getvalue() == shown
+
+
+class LinenRecurrent(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool):
+        cell = jnl.BatchNormLSTMCell(3, use_running_average=not train)
+        rnn = nn.RNN(cell, variable_axes={"batch_stats": 0}, variable_broadcast="params", split_rngs={"params": False})
+        return rnn(x)
+
+
+@pytest.mark.parametrize("population", ["average", "exact"])
+def test_linen_recurrent_batch_norm_cell_is_recalibrated_per_step(population):
+    """BatchNormLSTMCell's per-step statistics (stacked by nn.RNN) are recalibrated, not EMA-updated from fresh."""
+    rng = np.random.default_rng(5)
+    xs = [(2.0 * i + rng.standard_normal((n, 4, 2))).astype(np.float32) for i, n in enumerate((8, 8, 4))]
+    model = LinenRecurrent()
+    variables = model.init(jax.random.key(0), xs[0], train=False)
+    out = jnl.recalibrate(model, variables, xs, population=population, train=True)
+    kernel = ref.f64(variables["params"]["BatchNormLSTMCell_0"]["input_kernel"])
+    stats = out["batch_stats"]["BatchNormLSTMCell_0"]["input_norm"]
+    reference = pooled if population == "exact" else averaged
+    for t in range(4):  # the input projection of step t does not depend on the other norms
+        mean, var = reference([ref.f64(x[:, t]) @ kernel for x in xs])
+        np.testing.assert_allclose(stats["mean"][t], mean, rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(stats["var"][t], var, rtol=2e-5)
+    np.testing.assert_array_equal(stats["count"], [3, 3, 3, 3])
