@@ -28,9 +28,9 @@ from collections.abc import Iterator
 from typing import Any
 
 from jaxnorm._src.checks import check_choice
-from jaxnorm._src.state import AVERAGES, BatchStats, RecalibrationStats
+from jaxnorm._src.state import AVERAGES, BatchStats, ExactRecalibrationStats, RecalibrationStats
 
-_RECALIBRATE = "recalibrate"
+_RECALIBRATE = {"average": "recalibrate", "exact": "recalibrate-exact"}
 _SWITCH: contextvars.ContextVar[str | None] = contextvars.ContextVar("jaxnorm_flax_switch", default=None)
 
 
@@ -71,9 +71,13 @@ def override_average(average: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def recalibrating() -> Iterator[None]:
-    """Within it, every jaxnorm layer traced hands the core a ``RecalibrationStats`` state (PreciseBN)."""
-    token = _SWITCH.set(_RECALIBRATE)
+def recalibrating(population: str = "average") -> Iterator[None]:
+    """Within it, every jaxnorm layer traced hands the core a ``RecalibrationStats`` state (PreciseBN).
+
+    ``population="exact"`` makes it an ``ExactRecalibrationStats`` (the
+    caller has checked the value; the pass gives the count its layout).
+    """
+    token = _SWITCH.set(_RECALIBRATE[population])
     try:
         yield
     finally:
@@ -83,12 +87,15 @@ def recalibrating() -> Iterator[None]:
 def current_average(field: str) -> str:
     """The averaging policy in force: :func:`override_average`'s, else the layer's field."""
     value = _SWITCH.get()
-    return field if value is None or value == _RECALIBRATE else value
+    return field if value is None or value in _RECALIBRATE.values() else value
 
 
 def layer_stats(mean: Any, var: Any, count: Any) -> BatchStats:
     """A layer's variables as the core's state: a ``RecalibrationStats`` inside :func:`recalibrating`."""
-    kind = RecalibrationStats if _SWITCH.get() == _RECALIBRATE else BatchStats
+    value = _SWITCH.get()
+    kind = {_RECALIBRATE["average"]: RecalibrationStats, _RECALIBRATE["exact"]: ExactRecalibrationStats}.get(
+        value, BatchStats
+    )
     return kind(mean, var, count)
 
 

@@ -19,14 +19,19 @@ from jaxnorm._src.checks import check_collection
 from jaxnorm._src.recalibration import run_pass
 
 
-def recalibrate(model: nn.Module, variables: Mapping[str, Any], batches: Any, **apply_kwargs: Any) -> dict[str, Any]:
+def recalibrate(
+    model: nn.Module, variables: Mapping[str, Any], batches: Any, *, population: str = "average", **apply_kwargs: Any
+) -> dict[str, Any]:
     """PreciseBN (Wu & Johnson 2021): recompute every jaxnorm batch norm's statistics.
 
     Runs ``model.apply(variables, batch, **apply_kwargs)`` on every element of
     ``batches`` with the parameters frozen. Every jaxnorm :class:`BatchNorm`
     and :class:`BatchRenorm` the pass trains starts from fresh statistics and
     ends with the plain average over the batches of its per-batch mean and
-    variance (``unbiased`` honoured), each layer normalizing with batch
+    variance (``population="average"``), or with the mean and variance of
+    all its inputs over all batches together (``population="exact"``; see
+    :func:`jaxnorm.recalibrate` for when each is right), ``unbiased``
+    honoured, each layer normalizing with batch
     statistics as in training (batch renorm without its correction). Pass
     the keyword arguments that run your model in training mode, as your
     training step does (e.g. ``train=True``, ``rngs={"dropout": key}``).
@@ -42,6 +47,7 @@ def recalibrate(model: nn.Module, variables: Mapping[str, Any], batches: Any, **
       variables: its variables, with ``params`` and ``batch_stats``.
       batches: an iterable of the model's single positional input, e.g. 100
         to 200 training batches (Wu & Johnson use about 100 batches of 32 images).
+      population: ``"average"`` (Wu & Johnson's estimator) or ``"exact"``.
       **apply_kwargs: passed to ``model.apply`` on every batch.
 
     Returns:
@@ -49,7 +55,8 @@ def recalibrate(model: nn.Module, variables: Mapping[str, Any], batches: Any, **
 
     Raises:
       ValueError: no ``batch_stats`` or no jaxnorm batch-norm statistics in
-        them, empty ``batches``, or no layer trained during the pass.
+        them, empty ``batches``, no layer trained during the pass, or a
+        ``population`` other than ``"average"`` and ``"exact"``.
 
     Example:
       >>> import flax.linen as nn, jax, jax.numpy as jnp, jaxnorm.linen as jnl
@@ -70,14 +77,14 @@ def recalibrate(model: nn.Module, variables: Mapping[str, Any], batches: Any, **
     constants = {k: v for k, v in variables.items() if k != "batch_stats"}
 
     def update(constants: Any, stats: Any, batch: Any) -> Any:
-        with recalibrating():  # read while the step is traced
+        with recalibrating(population):  # read while the step is traced
             _, new = model.apply({**constants, "batch_stats": stats}, batch, mutable=["batch_stats"], **apply_kwargs)
         return new["batch_stats"]
 
     stats = run_pass(
         fn, update, unfreeze(variables["batch_stats"]), batches,
         "pass the keyword arguments that run the model in training mode, e.g. `train=True`",
-        constants=constants,
+        constants=constants, population=population,
     )
     return {**variables, "batch_stats": stats}
 

@@ -47,13 +47,16 @@ def reset_batch_stats(model: nnx.Module) -> None:
 
 
 
-def recalibrate(model: nnx.Module, batches: Any) -> None:
+def recalibrate(model: nnx.Module, batches: Any, *, population: str = "average") -> None:
     """PreciseBN (Wu & Johnson 2021): recompute every jaxnorm batch norm's statistics in place.
 
     Runs ``model(batch)`` on every element of ``batches`` with the parameters
     frozen. Every jaxnorm :class:`BatchNorm` and :class:`BatchRenorm` starts
     from fresh statistics and ends with the plain average over the batches of
-    its per-batch mean and variance (``unbiased`` honoured), each normalizing
+    its per-batch mean and variance (``population="average"``), or with the
+    mean and variance of all its inputs over all batches together
+    (``population="exact"``; see :func:`jaxnorm.recalibrate` for when each is
+    right), ``unbiased`` honoured, each normalizing
     with batch statistics as in training (batch renorm without its
     correction) whatever mode the model is in. The pass runs on a functional
     copy of the model: only those statistics change; parameters, other layers'
@@ -67,11 +70,13 @@ def recalibrate(model: nnx.Module, batches: Any) -> None:
         ``model(batch)`` must run it.
       batches: an iterable of the model's single positional input, e.g. 100
         to 200 training batches.
+      population: ``"average"`` (Wu & Johnson's estimator) or ``"exact"``.
 
     Raises:
       ValueError: no jaxnorm batch-norm layer in ``model``, empty ``batches``,
-        or no layer folded a batch (every batch non-finite, or a layer called
-        with ``use_running_average=True`` explicitly).
+        no layer folded a batch (every batch non-finite, or a layer called
+        with ``use_running_average=True`` explicitly), or a ``population``
+        other than ``"average"`` and ``"exact"``; the model is then unchanged.
 
     Example:
       >>> import jax, jaxnorm.nnx as jnx
@@ -90,8 +95,9 @@ def recalibrate(model: nnx.Module, batches: Any) -> None:
         layers = batch_norm_layers(copy)
         for layer, layer_stats in zip(layers, stats):
             layer.use_running_average = False
+            layer.count.set_value(layer_stats.count)  # the exact mode's count has a layout of its own
             set_layer_state(layer, layer_stats)
-        with recalibrating():  # read while the step is traced
+        with recalibrating(population):  # read while the step is traced
             copy(batch)
         return [layer_state(layer) for layer in layers]
 
@@ -99,7 +105,7 @@ def recalibrate(model: nnx.Module, batches: Any) -> None:
     new = run_pass(
         fn, update, [layer_state(layer) for layer in layers], batches,
         "do not call the layers with `use_running_average=True` explicitly",
-        constants=state,
+        constants=state, population=population,
     )
     for layer, layer_stats in zip(layers, new):
         set_layer_state(layer, layer_stats)

@@ -50,11 +50,21 @@ from jaxnorm._src.checks import (
     check_mask,
     check_static_bool,
 )
+from jaxnorm._src.collectives import merge_stacked
+from jaxnorm._src.feature_stats import FeatureStats, as_limbs, count_as_float, merged_state
 from jaxnorm._src.moments import Moments
 from jaxnorm._src.normalize import normalize
 from jaxnorm._src.per_example import place
 from jaxnorm._src.standardize import standardize
-from jaxnorm._src.state import AVERAGES, BatchStats, check_momentum, check_stats, unbias, update_stats
+from jaxnorm._src.state import (
+    AVERAGES,
+    BatchStats,
+    ExactRecalibrationStats,
+    check_momentum,
+    check_stats,
+    unbias,
+    update_stats,
+)
 
 Array = jax.Array
 
@@ -265,8 +275,12 @@ def fold_batch(
     and variance (each variance made unbiased with its own count first, when
     asked); groups without a valid value (masks) are left out of the mean, and
     a feature without any valid group leaves the state unchanged. With G = 1
-    this is the batch's own mean and variance.
+    this is the batch's own mean and variance. An
+    :class:`~jaxnorm._src.state.ExactRecalibrationStats` state (PreciseBN's
+    exact mode) merges the moments instead (:func:`fold_exact`).
     """
+    if isinstance(stats, ExactRecalibrationStats):
+        return jax.tree.map(jax.lax.stop_gradient, fold_exact(stats, m, lay, unbiased=unbiased))
     count = jnp.broadcast_to(m.count, m.var.shape)
     var = unbias(m.var, count) if unbiased else m.var
     valid = count > 0
@@ -278,6 +292,51 @@ def fold_batch(
         momentum=momentum, average=average, unbiased=False,
     )
     return jax.tree.map(jax.lax.stop_gradient, new_stats)
+
+
+def fold_exact(stats: ExactRecalibrationStats, m: Moments, lay: Layout, *, unbiased: bool) -> BatchStats:
+    """PreciseBN's exact mode: the batch's moments merged into those of every batch so far.
+
+    The ghost groups' moments (shape ``(G, 1, ...)``) merge into the batch's,
+    and the batch's into the state's, with Chan, Golub & LeVeque's formula
+    (:func:`~jaxnorm._src.collectives.merge_stacked`, through
+    :func:`~jaxnorm._src.feature_stats.merged_state`, the fold of
+    :func:`jaxnorm.update_feature_stats`): the state holds the mean and
+    variance of all valid values seen, each value weighted alike, where the
+    average mode weighs every batch alike. With ``unbiased`` the variance is
+    ``N/(N-1)`` times the biased one of all N values (converted back before
+    each merge). A feature without valid values in the batch keeps its
+    statistics while the others fold (its values are absent, not wrong); a
+    batch with a non-finite statistic is skipped whole. The batch's count is
+    read from its moments (exact below 2^24 valid values per feature and
+    batch); the running count is exact (two limbs, see
+    :class:`~jaxnorm._src.state.ExactRecalibrationStats`). The mean is kept
+    as one float32 (no residual as in :class:`jaxnorm.FeatureStats`: batch
+    norm's population mean is float32, and activations do not sit 1e6
+    standard deviations from zero).
+    """
+    dtype = stats.mean.dtype
+    whole = merge_stacked(Moments(*(jnp.broadcast_to(a, m.var.shape) for a in m)))
+    batch = Moments(*(jnp.reshape(a, lay.feature_shape).astype(dtype) for a in whole))
+    n_batch = jnp.reshape(jnp.round(whole.count), lay.feature_shape).astype(jnp.int32)
+    values = stats.count[..., 1:]
+    n = count_as_float(values, dtype)
+    biased = stats.var * jnp.maximum(n - 1, 1) / jnp.maximum(n, 1) if unbiased else stats.var
+    held = FeatureStats(values, stats.mean, biased * n, jnp.zeros_like(stats.mean))
+    new = merged_state(held, batch, as_limbs(n_batch))
+    new_mean = (new.mean + new.mean_residual).astype(stats.mean.dtype)
+    new_var = (unbias(new.var, new.num_values) if unbiased else new.var).astype(stats.var.dtype)
+    ok = jnp.all(jnp.isfinite(batch.mean) & jnp.isfinite(batch.var)) & jnp.any(n_batch > 0)
+    ok = ok & jnp.all(jnp.isfinite(new_mean) & jnp.isfinite(new_var))
+    take = ok & (n_batch > 0)
+    batches = stats.count[..., :1]
+    batches = jnp.where(batches < jnp.iinfo(jnp.int32).max, batches + 1, batches)
+    new_count = jnp.concatenate([batches, new.count], axis=-1).astype(stats.count.dtype)
+    return stats._replace(
+        mean=jnp.where(take, new_mean, stats.mean),
+        var=jnp.where(take, new_var, stats.var),
+        count=jnp.where(ok, new_count, stats.count),
+    )
 
 
 def evaluate(

@@ -20,7 +20,10 @@ NamedTuple pytree (works under jit, vmap, scan; ``_replace`` for updates).
 type that survives jit, vmap and scan, and the policy reaches
 :func:`jaxnorm.batch_norm` through its argument rather than an ambient switch.
 Batch norm folds such a state cumulatively and batch renorm applies no
-correction; the result keeps the type.
+correction; the result keeps the type. Its subclass
+:class:`ExactRecalibrationStats` marks the exact mode (``population="exact"``),
+which batch norm folds by merging moments instead
+(:func:`jaxnorm._src.batch_norm.fold_exact`).
 
 :func:`is_batch_stats` is the one test of "is this node batch-norm
 statistics" (a :class:`BatchStats`, or a flax-style mapping), and
@@ -86,10 +89,33 @@ class RecalibrationStats(BatchStats):
     """:class:`BatchStats` being recalibrated (PreciseBN): folded cumulatively, no renorm correction.
 
     Made by :func:`jaxnorm.recalibrate` for the duration of its pass; user
-    code passes it through like any :class:`BatchStats`.
+    code passes it through like any :class:`BatchStats`. This type is
+    ``population="average"`` (Wu & Johnson's average of per-batch
+    statistics); :class:`ExactRecalibrationStats` is the exact mode.
     """
 
     __slots__ = ()
+    population = "average"
+
+
+class ExactRecalibrationStats(RecalibrationStats):
+    """PreciseBN with ``population="exact"``: the merged moments of every batch of the pass.
+
+    ``mean`` and ``var`` are those of all valid values folded so far, as if
+    the batches were concatenated (``var`` biased, or ``N/(N-1)`` times that
+    with ``unbiased`` and N values). ``count`` has its own layout for the
+    pass: int32 of shape feature shape + (3,), ``count[..., 0]`` the batches
+    folded (the same for every feature) and ``count[..., 1:]`` the values
+    folded per feature, as the two limbs of :attr:`jaxnorm.FeatureStats.count`
+    (exact past 2^24). :func:`jaxnorm.recalibrate` turns it back into a plain
+    :class:`BatchStats` whose ``count`` is the batches folded.
+    """
+
+    __slots__ = ()
+    population = "exact"
+
+
+POPULATIONS = ("average", "exact")
 
 
 def init_batch_stats(feature_shape: int | tuple[int, ...], *, dtype: Any = jnp.float32) -> BatchStats:
@@ -162,7 +188,7 @@ def check_stats(fn: str, stats: Any) -> BatchStats:
     count = stats.count
     cdtype = jnp.result_type(count)
     concrete = not isinstance(count, jax.core.Tracer)
-    if concrete:
+    if concrete and not isinstance(stats, ExactRecalibrationStats):  # its count has the pass's layout
         value = np.asarray(count)
         if value.shape != () or not (np.isfinite(value) and value >= 0 and value == np.round(value)):
             raise ValueError(
