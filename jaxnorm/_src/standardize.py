@@ -24,13 +24,20 @@ skipped, so NaN held there cannot spread. The gradients of ``scale`` and
 constant over reduced axes (batch norm: all of them, group norm: the spatial
 ones) the same partial sums serve both them and the two per-statistic sums.
 
-Structure (for whoever replaces the derivative mechanism, e.g. with a custom
-primitive for forward mode): two plain functions and one decoration point.
+Structure: three plain functions and the mechanism that joins them.
 
-- :func:`standardize_fwd` ``(static, x, mask, scale, bias) -> (Outputs, Residuals)``;
-- :func:`standardize_bwd` ``(static, Residuals, Outputs of cotangents) -> (dx, None, d_scale, d_bias)``;
-- ``_standardize``, the single ``jax.custom_vjp`` that joins them (search for
-  ``DECORATION POINT``). ``static`` is the hashable :class:`Static`.
+- :func:`standardize_fwd` ``(static, x, mask, scale, bias, epsilon) -> (Outputs, Residuals)``;
+- :func:`standardize_tangent` ``(static, Residuals, Tangents) -> tangents of (y, offset, var)``:
+  forward mode, plain ``jax.numpy``;
+- :func:`standardize_bwd` ``(static, Residuals, Outputs of cotangents) -> (dx, None, d_scale, d_bias, d_epsilon)``:
+  the transpose of the tangent map, hand-fused;
+- ``_standardize``, a ``jax.custom_jvp`` (``static``, the hashable
+  :class:`Static`, is its non-differentiable argument) whose tangent is one
+  :func:`jaxnorm._src.linear_primitive.linear_call`: ``jax.jvp`` and
+  ``jax.linearize`` evaluate :func:`standardize_tangent`, and ``jax.grad``
+  transposes it into :func:`standardize_bwd` (why a primitive: the
+  :mod:`jaxnorm._src.linear_primitive` docstring). ``epsilon`` is an operand,
+  not a static option: it may be traced and has a derivative.
 
 Speed (measured on XLA:CPU, README "Speed"): ``x_hat`` is never stored. The
 backward keeps x in its own dtype and every reduction, like the final
@@ -46,10 +53,10 @@ backward lowered for XLA:CPU recomputes the statistics inside its passes
 five; other platforms use :func:`saved_backward` (the choice is
 :func:`jaxnorm._src.lowering.on_cpu_else`, per lowering platform).
 
-Second derivatives: the backward is made of differentiable ``jax.numpy`` ops, so
-reverse-over-reverse (``jax.grad`` of ``jax.grad``, ``jax.hessian`` via
-``jacrev``) works. Forward mode (``jax.jvp``, ``jacfwd``) of a ``custom_vjp`` is
-refused by JAX with its own error.
+Second derivatives: the backward and the tangent map are differentiable
+``jax.numpy``, so every order of ``jacfwd``/``jacrev`` works (``jax.hessian``
+is ``jacfwd`` of ``jacrev``); the ones that differentiate the tangent map
+itself use forward mode of the plain formula.
 """
 
 from __future__ import annotations
