@@ -272,6 +272,19 @@ def test_jvp_across_devices_with_shard_map(check_vma):
     close(got, want)
 
 
+def test_jvp_under_sharded_jit():
+    """No axis_name: jit partitions the global computation (the tangent primitive included)."""
+    primals, tangents = _operands((16, 6), (6,), seed=8)
+    mask = np.ones((16, 6), bool)
+    mask[[2, 7, 11], [0, 4, 1]] = False
+    f = lambda x, s, b: _bn(x, s, b, 1e-2, mask=mask)  # noqa: E731
+    got = jax.jit(lambda p, t: jax.jvp(f, p, t))(
+        (_on_devices(primals[0]), *primals[1:3]), (_on_devices(tangents[0]), *tangents[1:3])
+    )
+    want = jax.jvp(lambda x, s, b: _bn_ref(x, s, b, 1e-2, mask=mask), primals[:3], tangents[:3])
+    close(got, want)
+
+
 def test_jvp_across_devices_with_pmap():
     primals, tangents = _operands((16, 6), (6,), seed=5)
     x, s, b, _ = primals
