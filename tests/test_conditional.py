@@ -18,7 +18,6 @@ import jaxnorm.linen as jnl
 import jaxnorm.nnx as jnx
 
 
-
 def data(shape, seed=0, loc=0.5):
     return (loc + 2.0 * np.random.default_rng(seed).standard_normal(shape)).astype(np.float32)
 

@@ -338,7 +338,9 @@ def test_epsilon_gradient_across_devices_is_summed_for_replicated_epsilon():
 # --- Flax layers: forward mode against flax.linen's --------------------------------
 
 LINEN_PAIRS = {
-    "BatchNorm": (lambda: jl.BatchNorm(use_running_average=False), lambda: flax_nn.BatchNorm(use_running_average=False)),
+    "BatchNorm": (
+        lambda: jl.BatchNorm(use_running_average=False), lambda: flax_nn.BatchNorm(use_running_average=False),
+    ),
     "LayerNorm": (jl.LayerNorm, flax_nn.LayerNorm),
     "RMSNorm": (jl.RMSNorm, flax_nn.RMSNorm),
     "GroupNorm": (lambda: jl.GroupNorm(num_groups=3), lambda: flax_nn.GroupNorm(num_groups=3)),
