@@ -285,7 +285,8 @@ def test_jvp_under_sharded_jit():
     close(got, want)
 
 
-def test_jvp_across_devices_with_pmap():
+@pytest.mark.parametrize("mapper", ["pmap", "vmap"])
+def test_jvp_across_devices_with_pmap_and_named_vmap(mapper):
     primals, tangents = _operands((16, 6), (6,), seed=5)
     x, s, b, _ = primals
 
@@ -295,7 +296,8 @@ def test_jvp_across_devices_with_pmap():
     def per_device(x, t):
         return jax.jvp(local, (x,), (t,))
 
-    got = jax.pmap(per_device, axis_name="d")(x.reshape(8, 2, 6), tangents[0].reshape(8, 2, 6))
+    mapped = jax.pmap(per_device, axis_name="d") if mapper == "pmap" else jax.vmap(per_device, axis_name="d")
+    got = mapped(x.reshape(8, 2, 6), tangents[0].reshape(8, 2, 6))
     # layer norm over (rows, features) of every device together: one statistic for the whole array
     ref = lambda x: ref_standardize(x, (0, 1), 1e-2)[0] * s + b  # noqa: E731
     want = jax.jvp(ref, (x,), (tangents[0],))

@@ -31,7 +31,8 @@ differentiated through this primitive's transpose); ``tangents`` are the
 operands it is linear in.
 
 The registration hooks used here (``jax.interpreters.ad``, ``batching``,
-``mlir``, ``jax._src.dispatch.apply_primitive``) are not all public API in
+``mlir``, ``batching.fancy_primitive_batchers``, ``jax._src.dispatch.apply_primitive``,
+``jax._src.core.no_axis_name``) are not all public API in
 jax 0.10; they are used in this file only, and ``tests/test_linear_primitive.py``
 exercises each one so that a JAX upgrade that moves them fails there first.
 """
@@ -43,7 +44,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax._src import dispatch  # apply_primitive: eager (un-jitted) evaluation
+from jax._src import (
+    core,  # no_axis_name: the name of an unnamed vmap axis
+    dispatch,  # apply_primitive: eager (un-jitted) evaluation
+)
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
@@ -105,11 +109,18 @@ def _transpose(cts: Sequence[Any], *operands: Any, rule: Any) -> list[Array | No
 
 
 class Batched(NamedTuple):
-    """A rule vmapped over a leading axis of size ``size``: every tangent batched, residuals as ``residual_axes``."""
+    """A rule vmapped over a leading axis of size ``size``: every tangent batched, residuals as ``residual_axes``.
+
+    ``axis_name`` and ``spmd_axis_name`` are those of the ``vmap`` being
+    applied, so collectives over a named ``vmap`` axis inside the rule (sync
+    batch norm under ``vmap(axis_name=...)``) still find it.
+    """
 
     inner: Any
     residual_axes: tuple[int | None, ...]
     size: int
+    axis_name: Any = None
+    spmd_axis_name: Any = None
 
     @property
     def n_residuals(self) -> int:
@@ -119,14 +130,21 @@ class Batched(NamedTuple):
     def out_avals(self) -> tuple[Any, ...]:
         return tuple(a.update(shape=(self.size, *a.shape)) for a in self.inner.out_avals)
 
+    def _vmap(self, f: Any) -> Any:
+        return jax.vmap(
+            f, in_axes=(self.residual_axes, 0), axis_name=self.axis_name, spmd_axis_name=self.spmd_axis_name
+        )
+
     def apply(self, residuals: tuple[Array, ...], tangents: tuple[Array, ...]) -> tuple[Array, ...]:
-        return tuple(jax.vmap(self.inner.apply, in_axes=(self.residual_axes, 0))(residuals, tangents))
+        return tuple(self._vmap(self.inner.apply)(residuals, tangents))
 
     def transpose(self, residuals: tuple[Array, ...], cts: tuple[Array, ...]) -> tuple[Array, ...]:
-        return tuple(jax.vmap(self.inner.transpose, in_axes=(self.residual_axes, 0))(residuals, cts))
+        return tuple(self._vmap(self.inner.transpose)(residuals, cts))
 
 
-def _batch(operands: Sequence[Array], dims: Sequence[int | None], *, rule: Any) -> tuple[list[Array], list[int]]:
+def _batch(
+    axis_data: Any, operands: Sequence[Array], dims: Sequence[int | None], *, rule: Any
+) -> tuple[list[Array], list[int]]:
     n = rule.n_residuals
     size = next(a.shape[d] for a, d in zip(operands, dims, strict=True) if d is not None)
 
@@ -141,10 +159,12 @@ def _batch(operands: Sequence[Array], dims: Sequence[int | None], *, rule: Any) 
         jnp.broadcast_to(a, (size, *a.shape)) if d is None else jnp.moveaxis(a, d, 0)
         for a, d in zip(operands[n:], dims[n:], strict=True)
     ]
-    out = linear_p.bind(*residuals, *tangents, rule=Batched(rule, residual_axes, size))
+    name = None if axis_data.name is core.no_axis_name else axis_data.name
+    out = linear_p.bind(*residuals, *tangents, rule=Batched(rule, residual_axes, size, name, axis_data.spmd_name))
     return out, [0] * len(out)
 
 
 ad.primitive_jvps[linear_p] = _jvp
 ad.primitive_transposes[linear_p] = _transpose
-batching.primitive_batchers[linear_p] = _batch
+# The batcher that is told the vmap's axis (name, size, spmd name), as JAX's own collectives use.
+batching.fancy_primitive_batchers[linear_p] = _batch
