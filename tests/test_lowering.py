@@ -35,8 +35,8 @@ def test_row_backward_and_saved_backward_agree():
     x = jax.random.normal(jax.random.key(0), (3, 16)) * 3 + 1
     g = jax.random.normal(jax.random.key(1), (3, 16))
     scale, bias = jnp.linspace(0.5, 2, 16), jnp.linspace(-1, 1, 16)
-    static = st.Static((1,), 1e-5, True, None, None, jnp.dtype(jnp.float32), True)
-    out, res = st.standardize_fwd(static, x, None, scale, bias)
+    static = st.Static((1,), True, None, None, jnp.dtype(jnp.float32), True)
+    out, res = st.standardize_fwd(static, x, None, scale, bias, jnp.float32(1e-5))
     ct = out._replace(y=g, shift=None, offset=jnp.zeros_like(out.offset), var=jnp.zeros_like(out.var), count=None)
     for a, b in zip(st.row_backward(static, res, ct), st.saved_backward(static, res, ct)):
         assert jnp.allclose(a, b, rtol=1e-5, atol=1e-5)

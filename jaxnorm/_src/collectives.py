@@ -158,8 +158,8 @@ def match_replication(cotangent: Array | None, primal: Array | None) -> Array | 
 
     Under ``shard_map(check_vma=True)`` a replicated value (a scale, a bias)
     meets per-device data through an implicit broadcast, whose transpose is a
-    ``psum``; a ``custom_vjp`` must return its cotangents with the primal's
-    type, so it does that sum itself. Elsewhere nothing varies by type and the
+    ``psum``; a hand-written backward must return its cotangents with the
+    primal's type, so it does that sum itself. Elsewhere nothing varies by type and the
     cotangent passes unchanged.
     """
     if cotangent is None or primal is None:

@@ -24,13 +24,20 @@ skipped, so NaN held there cannot spread. The gradients of ``scale`` and
 constant over reduced axes (batch norm: all of them, group norm: the spatial
 ones) the same partial sums serve both them and the two per-statistic sums.
 
-Structure (for whoever replaces the derivative mechanism, e.g. with a custom
-primitive for forward mode): two plain functions and one decoration point.
+Structure: three plain functions and the mechanism that joins them.
 
-- :func:`standardize_fwd` ``(static, x, mask, scale, bias) -> (Outputs, Residuals)``;
-- :func:`standardize_bwd` ``(static, Residuals, Outputs of cotangents) -> (dx, None, d_scale, d_bias)``;
-- ``_standardize``, the single ``jax.custom_vjp`` that joins them (search for
-  ``DECORATION POINT``). ``static`` is the hashable :class:`Static`.
+- :func:`standardize_fwd` ``(static, x, mask, scale, bias, epsilon) -> (Outputs, Residuals)``;
+- :func:`standardize_tangent` ``(static, Residuals, Tangents) -> tangents of (y, offset, var)``:
+  forward mode, plain ``jax.numpy``;
+- :func:`standardize_bwd` ``(static, Residuals, Outputs of cotangents) -> (dx, None, d_scale, d_bias, d_epsilon)``:
+  the transpose of the tangent map, hand-fused;
+- ``_standardize``, a ``jax.custom_jvp`` (``static``, the hashable
+  :class:`Static`, is its non-differentiable argument) whose tangent is one
+  :func:`jaxnorm._src.linear_primitive.linear_call`: ``jax.jvp`` and
+  ``jax.linearize`` evaluate :func:`standardize_tangent`, and ``jax.grad``
+  transposes it into :func:`standardize_bwd` (why a primitive: the
+  :mod:`jaxnorm._src.linear_primitive` docstring). ``epsilon`` is an operand,
+  not a static option: it may be traced and has a derivative.
 
 Speed (measured on XLA:CPU, README "Speed"): ``x_hat`` is never stored. The
 backward keeps x in its own dtype and every reduction, like the final
@@ -46,10 +53,10 @@ backward lowered for XLA:CPU recomputes the statistics inside its passes
 five; other platforms use :func:`saved_backward` (the choice is
 :func:`jaxnorm._src.lowering.on_cpu_else`, per lowering platform).
 
-Second derivatives: the backward is made of differentiable ``jax.numpy`` ops, so
-reverse-over-reverse (``jax.grad`` of ``jax.grad``, ``jax.hessian`` via
-``jacrev``) works. Forward mode (``jax.jvp``, ``jacfwd``) of a ``custom_vjp`` is
-refused by JAX with its own error.
+Second derivatives: the backward and the tangent map are differentiable
+``jax.numpy``, so every order of ``jacfwd``/``jacrev`` works (``jax.hessian``
+is ``jacfwd`` of ``jacrev``); the ones that differentiate the tangent map
+itself use forward mode of the plain formula.
 """
 
 from __future__ import annotations
@@ -64,6 +71,7 @@ from jax import lax
 
 from jaxnorm._src.axes import broadcast_axes, reduces_trailing, right_aligned_shape
 from jaxnorm._src.collectives import match_replication, sum_across, varies_over, varying_axes
+from jaxnorm._src.linear_primitive import linear_call
 from jaxnorm._src.lowering import copies, expand_minor, on_cpu_else, sum_over
 from jaxnorm._src.moments import Moments, accumulation_dtype, moments_and_copies
 
@@ -74,7 +82,6 @@ class Static(NamedTuple):
     """The hashable options of :func:`standardize` (``nondiff_argnums`` of the custom derivative)."""
 
     axes: tuple[int, ...]
-    epsilon: float
     center: bool  # False: RMS norm (no mean subtracted, var is the mean square)
     axis_name: Any
     groups: tuple[tuple[int, ...], ...] | None  # axis_index_groups
@@ -103,6 +110,7 @@ class Residuals(NamedTuple):
     offset: Array
     inv: Array  # 1 / sqrt(var + epsilon)
     count: Array
+    epsilon: Array  # scalar, accumulation dtype (an operand: it may be traced, and it has a derivative)
 
 
 class Sums(NamedTuple):
@@ -143,7 +151,8 @@ def standardize(
     Args:
       x: (...) floating array.
       axes: non-negative reduced axes.
-      epsilon: added to the variance.
+      epsilon: added to the variance; a scalar, which may be traced (a
+        schedule, a ``vmap`` sweep) and is differentiated like the data.
       mask: optional bool array broadcasting to ``x``; True marks values that count.
       center: False for RMS norm: no mean is subtracted and ``var`` is the mean square.
       axis_name, axis_index_groups: reduce across devices as well.
@@ -157,14 +166,14 @@ def standardize(
     acc = accumulation_dtype(x.dtype)
     groups = None if axis_index_groups is None else tuple(tuple(int(i) for i in g) for g in axis_index_groups)
     static = Static(
-        tuple(axes), float(epsilon), bool(center), axis_name, groups, jnp.dtype(acc if dtype is None else dtype),
+        tuple(axes), bool(center), axis_name, groups, jnp.dtype(acc if dtype is None else dtype),
         mask is None and axis_name is None and reduces_trailing(axes, x.ndim),
     )
-    out = _standardize(static, x, mask, scale, bias)
+    out = _standardize(static, x, mask, scale, bias, jnp.asarray(epsilon, acc))
     return out.y, Moments(out.shift, out.offset, out.var, out.count)
 
 
-def inverse_std(var: Array, epsilon: float) -> Array:
+def inverse_std(var: Array, epsilon: Any) -> Array:
     """``1 / sqrt(var + epsilon)``: the one place every norm turns a variance into its scale."""
     return lax.rsqrt(var + epsilon)
 
@@ -217,7 +226,9 @@ def _sum_to(v: Array, p: Array) -> Array:
 # --- the forward rule --------------------------------------------------------
 
 
-def standardize_fwd(static: Static, x: Array, mask: Array | None, scale: Array | None, bias: Array | None):
+def standardize_fwd(
+    static: Static, x: Array, mask: Array | None, scale: Array | None, bias: Array | None, epsilon: Array
+) -> tuple[Outputs, Residuals]:
     """Forward rule: ``(Outputs, Residuals)``.
 
     The moments of x over ``static.axes`` (shifted, masked, merged across
@@ -231,13 +242,13 @@ def standardize_fwd(static: Static, x: Array, mask: Array | None, scale: Array |
         x, axes, mask=mask, center=static.center, axis_name=static.axis_name,
         axis_index_groups=static.groups, extra=1,
     )
-    inv = inverse_std(m.var, static.epsilon)
+    inv = inverse_std(m.var, epsilon)
     ((sh, off, iv),) = copies(1, *(expand_minor(a, x.shape, axes) for a in (m.shift, m.offset, inv)))
     if not static.center:
         sh = off = None
     y = affine(_center(xi, sh, off, iv.dtype) * iv, scale, bias, static.dtype)
     return Outputs(y, m.shift, m.offset, m.var, m.count), Residuals(
-        x, mask, scale, bias, m.shift, m.offset, inv, m.count
+        x, mask, scale, bias, m.shift, m.offset, inv, m.count, epsilon
     )
 
 
@@ -245,28 +256,36 @@ def standardize_fwd(static: Static, x: Array, mask: Array | None, scale: Array |
 
 
 def standardize_bwd(static: Static, res: Residuals, ct: Outputs):
-    """Backward rule: ``(dx, None, d_scale, d_bias)`` from the cotangents ``ct`` of :class:`Outputs`.
+    """Backward rule: ``(dx, None, d_scale, d_bias, d_epsilon)`` from the cotangents ``ct`` of :class:`Outputs`.
 
     ``dx = a * g * scale + b * x_hat + c`` per statistic, with
     ``a = inv``, ``b = -(inv * sum(g * scale * x_hat) - 2 * g_var / inv) / N``
     and ``c = -(inv * sum(g * scale) - g_mean) / N`` (the paper's section 3 plus
-    the cotangents of the returned mean and variance). Contiguous rows lower
-    to :func:`row_backward` on CPU (see the module docstring), everything else
-    to :func:`saved_backward`.
+    the cotangents of the returned mean and variance), and
+    ``d_epsilon = -1/2 * sum(inv**2 * sum(g * scale * x_hat))`` (``x_hat``
+    scales as ``inv``; the statistics do not depend on epsilon). Contiguous
+    rows lower to :func:`row_backward` on CPU (see the module docstring),
+    everything else to :func:`saved_backward`.
     """
     # Only the cotangents of y, offset and var matter (shift carries no
     # gradient, count is an integer); the others stay out of the branches.
     ct = ct._replace(shift=None, count=None)
     if static.rows and not varying_axes(res.x):
-        dx, d_scale, d_bias = on_cpu_else(
+        dx, d_scale, d_bias, d_eps = on_cpu_else(
             functools.partial(row_backward, static), functools.partial(saved_backward, static), res, ct
         )
     else:
-        dx, d_scale, d_bias = saved_backward(static, res, ct)
-    # A replicated scale or bias (by shard_map's type system) gets its
+        dx, d_scale, d_bias, d_eps = saved_backward(static, res, ct)
+    # A replicated scale, bias or epsilon (by shard_map's type system) gets its
     # cotangent summed over the devices, as autodiff of the broadcast would.
     d_scale, d_bias = match_replication(d_scale, res.scale), match_replication(d_bias, res.bias)
-    return match_replication(dx.astype(res.x.dtype), res.x), None, d_scale, d_bias
+    d_eps = match_replication(d_eps.astype(res.epsilon.dtype), res.epsilon)
+    return match_replication(dx.astype(res.x.dtype), res.x), None, d_scale, d_bias, d_eps
+
+
+def _epsilon_cotangent(sums: Sums, inv: Array) -> Array:
+    """``-1/2 * sum(inv**2 * sum(g * scale * x_hat))``: this device's share of epsilon's cotangent (a scalar)."""
+    return -0.5 * jnp.sum(inv * inv * sums.g_x_hat)
 
 
 def _combine(static: Static, sums: Sums, inv: Array, count: Array, ct: Outputs, x: Array, final: Callable) -> Array:
@@ -320,8 +339,8 @@ class _Handles(NamedTuple):
     inv: Array
 
 
-def saved_backward(static: Static, res: Residuals, ct: Outputs) -> tuple[Array, Array | None, Array | None]:
-    """The backward from the saved statistics: ``(dx, d_scale, d_bias)`` (any mask, any devices).
+def saved_backward(static: Static, res: Residuals, ct: Outputs) -> tuple[Array, Array | None, Array | None, Array]:
+    """The backward from the saved statistics: ``(dx, d_scale, d_bias, d_epsilon)`` (any mask, any devices).
 
     Every reduction over the data and the final elementwise pass rebuild
     ``g * scale`` and ``x_hat`` from x and g on their own handles.
@@ -397,10 +416,10 @@ def saved_backward(static: Static, res: Residuals, ct: Outputs) -> tuple[Array, 
         return FinalTerms(gi, x_hat, iv, b, c, mi)
 
     dx = _combine(static, sums, inv, res.count, ct, x, final)
-    return dx, sums.d_scale, sums.d_bias
+    return dx, sums.d_scale, sums.d_bias, _epsilon_cotangent(sums, inv)
 
 
-def row_backward(static: Static, res: Residuals, ct: Outputs) -> tuple[Array, Array | None, Array | None]:
+def row_backward(static: Static, res: Residuals, ct: Outputs) -> tuple[Array, Array | None, Array | None, Array]:
     """The backward when each statistic is a contiguous row of x (no mask, one device), for XLA:CPU.
 
     There XLA:CPU fuses a row's reductions with the elementwise work that
@@ -413,7 +432,7 @@ def row_backward(static: Static, res: Residuals, ct: Outputs) -> tuple[Array, Ar
     five (layer norm's (8192, 1024) float32 training step, README "Speed").
     Same results as :func:`saved_backward`.
     """
-    axes, center, epsilon = static.axes, static.center, static.epsilon
+    axes, center, epsilon = static.axes, static.center, res.epsilon
     x, g, scale, bias = res.x, ct.y, res.scale, res.bias
     acc = accumulation_dtype(x.dtype)
     (ga, xa, sca), (gb, xb, _), (gc, _, _) = copies(3, g, x, scale)
@@ -438,17 +457,111 @@ def row_backward(static: Static, res: Residuals, ct: Outputs) -> tuple[Array, Ar
         return FinalTerms(gi, x_hat, inv, b, c, None)
 
     dx = _combine(static, sums, inv, res.count, ct, x, final)
-    return dx, d_scale, d_bias
+    return dx, d_scale, d_bias, _epsilon_cotangent(sums, inv)
 
 
-# --- DECORATION POINT: the one place the derivative mechanism is chosen -------
-# A custom primitive (forward mode, issue 14) replaces these three lines; the
-# rules above stay as they are.
+# --- the tangent rule (forward mode) -----------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _standardize(static: Static, x: Array, mask: Array | None, scale: Array | None, bias: Array | None) -> Outputs:
-    return standardize_fwd(static, x, mask, scale, bias)[0]
+class Tangents(NamedTuple):
+    """The operands the tangent map is linear in: the tangents of x, scale, bias and epsilon."""
+
+    x: Array
+    scale: Array | None
+    bias: Array | None
+    epsilon: Array
 
 
-_standardize.defvjp(standardize_fwd, standardize_bwd)
+def standardize_tangent(static: Static, res: Residuals, t: Tangents) -> tuple[Array, Array, Array]:
+    """Forward mode of :func:`standardize`: the tangents of ``(y, offset, var)``.
+
+    With ``m(v)`` the (masked, cross-device) mean over the reduced axes,
+    ``t_mean = m(tx)``, ``t_var = 2 / inv * m(x_hat * tx)`` (the mean of
+    ``x - mean`` is zero; RMS norm: ``t_mean = 0``) and
+
+        t_x_hat = inv * (tx - t_mean - x_hat * m(x_hat * tx)) - x_hat * inv**2 * t_eps / 2
+        t_y = t_x_hat * scale + x_hat * t_scale + t_bias.
+
+    Plain ``jax.numpy``: it is what ``jax.jvp`` evaluates and what second
+    derivatives differentiate; reverse mode uses its transpose,
+    :func:`standardize_bwd`, instead.
+    """
+    axes, center = static.axes, static.center
+    inv, count, mask = res.inv, res.count, res.mask
+    acc = inv.dtype
+    x_hat = _center(res.x, res.shift if center else None, res.offset if center else None, acc) * inv
+    tx = t.x.astype(acc)
+    denom = jnp.maximum(count, 1)
+
+    def mean_of(*terms: Array) -> list[Array]:
+        """Masked means over the reduced axes (and devices: one psum for all)."""
+        sums = [jnp.sum(_kept(v, mask), axes, keepdims=True) for v in terms]
+        if static.axis_name is not None:
+            sums = list(sum_across(jnp.stack(sums), static.axis_name, static.groups))
+        return [s / denom for s in sums]
+
+    if center:
+        t_mean, t_msq = mean_of(tx, x_hat * tx)
+    else:
+        (t_msq,), t_mean = mean_of(x_hat * tx), None
+    t_var = 2.0 * t_msq / inv
+    centered = tx if t_mean is None else tx - t_mean
+    t_x_hat = inv * (centered - x_hat * t_msq) - 0.5 * (inv * inv * t.epsilon) * x_hat
+    t_y = t_x_hat if res.scale is None else t_x_hat * res.scale
+    if t.scale is not None:
+        t_y = t_y + x_hat * t.scale
+    if t.bias is not None:
+        t_y = t_y + t.bias
+    t_offset = jnp.zeros_like(res.offset) if t_mean is None else t_mean
+    return t_y.astype(static.dtype), t_offset.astype(res.offset.dtype), t_var.astype(inv.dtype)
+
+
+class TangentRule(NamedTuple):
+    """:func:`standardize_tangent` and its transpose :func:`standardize_bwd`, as a :func:`linear_call` rule."""
+
+    static: Static
+    residuals: Any  # the treedef of Residuals (None fields drop out)
+    tangents: Any  # the treedef of Tangents
+    out_avals: tuple[Any, ...]  # the types of y, offset, var
+
+    @property
+    def n_residuals(self) -> int:
+        return self.residuals.num_leaves
+
+    def apply(self, residuals: tuple[Array, ...], tangents: tuple[Array, ...]) -> tuple[Array, ...]:
+        res, t = self.residuals.unflatten(residuals), self.tangents.unflatten(tangents)
+        return standardize_tangent(self.static, res, t)
+
+    def transpose(self, residuals: tuple[Array, ...], cts: tuple[Array, ...]) -> tuple[Array, ...]:
+        res = self.residuals.unflatten(residuals)
+        ct_y, ct_offset, ct_var = cts
+        dx, _, d_scale, d_bias, d_eps = standardize_bwd(
+            self.static, res, Outputs(ct_y, None, ct_offset, ct_var, None)
+        )
+        return tuple(self.tangents.flatten_up_to(Tangents(dx, d_scale, d_bias, d_eps)))
+
+
+# --- the derivative mechanism ---------------------------------------------------
+# ``_standardize`` is a custom_jvp whose tangent is one linear primitive
+# (:mod:`jaxnorm._src.linear_primitive`): forward mode evaluates
+# :func:`standardize_tangent`, reverse mode transposes it into the fused
+# :func:`standardize_bwd`.
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _standardize(
+    static: Static, x: Array, mask: Array | None, scale: Array | None, bias: Array | None, epsilon: Array
+) -> Outputs:
+    return standardize_fwd(static, x, mask, scale, bias, epsilon)[0]
+
+
+@_standardize.defjvp
+def _standardize_jvp(static: Static, primals: tuple, tangents: tuple) -> tuple[Outputs, Outputs]:
+    out, res = standardize_fwd(static, *primals)
+    tx, _, t_scale, t_bias, t_eps = tangents
+    t = Tangents(tx, t_scale, t_bias, t_eps)
+    res_leaves, res_tree = jax.tree.flatten(res)
+    t_leaves, t_tree = jax.tree.flatten(t)
+    avals = tuple(jax.typeof(v).to_tangent_aval() for v in (out.y, out.offset, out.var))
+    t_y, t_offset, t_var = linear_call(TangentRule(static, res_tree, t_tree, avals), res_leaves, t_leaves)
+    return out, Outputs(t_y, jnp.zeros_like(out.shift), t_offset, t_var, jnp.zeros_like(out.count))
