@@ -48,6 +48,7 @@ from jaxnorm._src.checks import (
     check_epsilon,
     check_floating,
     check_mask,
+    check_out_dtype,
     check_static_bool,
 )
 from jaxnorm._src.moments import Moments
@@ -85,6 +86,31 @@ def check_enough_values(fn: str, per_feature: int, x_shape: tuple[int, ...], axi
             f"`training=False`, or use layer_norm/group_norm for batch size 1."
         )
     return per_feature
+
+
+def check_enough_masked(fn: str, view: BatchView, mask: Any, x_shape: tuple[int, ...], axis: Any) -> None:
+    """Raises when a concrete mask leaves some statistic exactly one valid value: a batch of one.
+
+    Without a mask that batch is refused (:func:`check_enough_values`); with a
+    mask it would be normalized to the bias alone. A traced mask cannot be
+    read here: :func:`fold_batch` then keeps such a batch out of the running
+    statistics. A statistic with no valid value at all is allowed: none of its
+    outputs count.
+    """
+    if view.mask is None or isinstance(view.mask, jax.core.Tracer):
+        return
+    flags = np.asarray(view.mask)
+    if flags.all():
+        return
+    counts = np.broadcast_to(flags, view.x.shape).sum(view.axes)
+    if np.any(counts == 1):
+        where = "a feature" if view.x.shape[0] == 1 else "a feature in a ghost batch"
+        raise ValueError(
+            f"{fn}: training needs more than one valid value per feature to estimate a variance, but "
+            f"`mask` (shape {tuple(np.shape(mask))}) leaves {where} of `x` (shape {tuple(x_shape)}, "
+            f"`axis`={axis!r}) exactly one: a batch of one, which would be normalized to the bias alone. "
+            f"Mask fewer values, evaluate with `training=False`, or use layer_norm/group_norm."
+        )
 
 
 def check_ghost_batch_size(
@@ -226,6 +252,8 @@ def batch_standardize(
         # With a named axis the other devices supply the rest of the batch.
         check_enough_values(fn, lay.values_per_feature, x.shape, axis)
     view = batch_view(x, lay, mask, ghost_batch_size)
+    if axis_name is None:
+        check_enough_masked(fn, view, mask, x.shape, axis)
     y, m = standardize(
         view.x, view.axes, epsilon=epsilon, mask=view.mask,
         axis_name=axis_name, axis_index_groups=axis_index_groups,
@@ -269,7 +297,9 @@ def fold_batch(
     """
     count = jnp.broadcast_to(m.count, m.var.shape)
     var = unbias(m.var, count) if unbiased else m.var
-    valid = count > 0
+    # One valid value is no variance estimate (the batch of one that training
+    # refuses without a mask): such a group counts as empty here.
+    valid = count > 1
     groups = jnp.sum(valid, axis=0)
     mean_over_groups = lambda a: jnp.sum(jnp.where(valid, a, 0), axis=0) / jnp.maximum(groups, 1)  # noqa: E731
     feature = lambda a: jnp.reshape(a, lay.feature_shape)  # noqa: E731
@@ -289,16 +319,6 @@ def evaluate(
         x, jnp.reshape(stats.mean, shape), jnp.reshape(stats.var, shape),
         as_broadcast(scale, lay), as_broadcast(bias, lay), epsilon=epsilon, dtype=dtype,
     )
-
-
-def check_out_dtype(fn: str, dtype: Any) -> Any:
-    """``dtype`` (None or a floating dtype); raises for an integer or other output dtype."""
-    if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
-        raise ValueError(
-            f"{fn}: `dtype`={jnp.dtype(dtype)} must be a floating dtype (normalized values are not integers); "
-            "pass e.g. `dtype=jnp.float32` or None for x's dtype."
-        )
-    return dtype
 
 
 def check_options(fn: str, training: Any, average: str | None = None) -> bool:

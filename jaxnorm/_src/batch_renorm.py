@@ -35,13 +35,12 @@ from jaxnorm._src.batch_norm import (
     check_ghost_batch_size,
     check_inputs,
     check_options,
-    check_out_dtype,
     evaluate,
     fold_batch,
     view_affine,
     view_param,
 )
-from jaxnorm._src.checks import check_after, check_at_least, check_epsilon
+from jaxnorm._src.checks import check_after, check_at_least, check_epsilon, check_limit, check_out_dtype
 from jaxnorm._src.moments import accumulation_dtype
 from jaxnorm._src.standardize import affine, inverse_std
 from jaxnorm._src.state import BatchStats, RecalibrationStats, check_momentum, check_stats
@@ -144,8 +143,8 @@ def batch_renorm(
     training = check_options(fn, training, average)
     check_epsilon(fn, epsilon)
     check_ghost_batch_size(fn, ghost_batch_size)
-    check_at_least(fn, "r_max", r_max, 1, "r is clipped to [1/r_max, r_max]; r_max=1 disables the scale correction")
-    check_at_least(fn, "d_max", d_max, 0, "d is clipped to [-d_max, d_max]; d_max=0 disables the shift correction")
+    check_limit(fn, "r_max", r_max, 1, "r is clipped to [1/r_max, r_max]; r_max=1 disables the scale correction")
+    check_limit(fn, "d_max", d_max, 0, "d is clipped to [-d_max, d_max]; d_max=0 disables the shift correction")
     stats = check_stats(fn, stats)
     if isinstance(stats, RecalibrationStats):
         # PreciseBN rebuilds the running statistics: they must not feed back
@@ -234,8 +233,8 @@ def renorm_schedule(
     check_at_least(fn, "warmup_steps", warmup_steps, 0, "pass the number of plain batch-norm steps")
     check_after(fn, "r_max_steps", r_max_steps, "warmup_steps", warmup_steps)
     check_after(fn, "d_max_steps", d_max_steps, "warmup_steps", warmup_steps)
-    check_at_least(fn, "r_max", r_max, 1, "r_max=1 keeps r at 1")
-    check_at_least(fn, "d_max", d_max, 0, "d_max=0 keeps d at 0")
+    check_limit(fn, "r_max", r_max, 1, "r_max=1 keeps r at 1")
+    check_limit(fn, "d_max", d_max, 0, "d_max=0 keeps d at 0")
     step = jnp.asarray(step, jnp.float32)
 
     def ramp(end: int) -> Array:

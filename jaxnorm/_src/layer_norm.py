@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxnorm._src.axes import canonical_axes
-from jaxnorm._src.checks import check_epsilon, check_floating, check_mask
+from jaxnorm._src.checks import check_epsilon, check_floating, check_mask, check_out_dtype
 from jaxnorm._src.per_example import place
 from jaxnorm._src.standardize import standardize
 
@@ -106,6 +106,7 @@ def layer_norm(
       [-1.2247, 0.0, 1.2247]
     """
     check_epsilon("layer_norm", epsilon)
+    check_out_dtype("layer_norm", dtype)
     x, axes, mask, p = _prepare("layer_norm", x, axis, mask, {"scale": scale, "bias": bias}, feature_axes)
     y, _ = standardize(
         x, axes, epsilon=epsilon, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
@@ -157,6 +158,7 @@ def rms_norm(
       [0.8485, 1.1314]
     """
     check_epsilon("rms_norm", epsilon)
+    check_out_dtype("rms_norm", dtype)
     x, axes, mask, p = _prepare("rms_norm", x, axis, mask, {"scale": scale}, feature_axes)
     y, _ = standardize(
         x, axes, epsilon=epsilon, mask=mask, center=False,
