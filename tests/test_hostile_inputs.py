@@ -22,7 +22,9 @@ def _copy(stats):
 
 
 def _same(a, b):
+    """Equal values and equal dtypes, leaf by leaf."""
     for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        assert np.asarray(u).dtype == np.asarray(v).dtype, (np.asarray(u).dtype, np.asarray(v).dtype)
         np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
 
 
@@ -355,17 +357,6 @@ def test_all_false_mask_feature_documented_value():
     _same(stats, before)
 
 
-def test_float32_range_overflow_keeps_state():
-    stats = jn.init_batch_stats(3)
-    before = _copy(stats)
-    x = _x((8, 3), scale=1e18)
-    _, new = jn.batch_norm(x, stats, training=True)
-    assert int(new.count) == 1 and np.all(np.isfinite(np.asarray(new.var)))
-    x = _x((8, 3), scale=3e19)  # squares beyond float32's max: the variance overflows
-    _, new = jn.batch_norm(x, stats, training=True)
-    _same(new, before)
-
-
 def test_nnx_layer_survives_float_count():
     from flax import nnx
 
@@ -377,3 +368,111 @@ def test_nnx_layer_survives_float_count():
     assert int(bn.count[...]) == 3
     bn(jnp.asarray(_x(seed=1)))
     assert int(bn.count[...]) == 4
+
+
+# 7. masks: a batch of one, a lower-rank mask that fits x two ways, no valid value at all.
+
+
+@pytest.mark.parametrize("fn", [jn.batch_norm, jn.batch_renorm])
+def test_masked_batch_of_one_refused_when_concrete(fn):
+    stats = jn.init_batch_stats(3)
+    before = _copy(stats)
+    mask = np.zeros((6, 1), bool)
+    mask[2] = True  # one example left: the batch of one that (1, 3) without a mask is
+    with pytest.raises(ValueError, match=rf"{fn.__name__}: training needs more than one valid value per feature.*"
+                                         r"`mask` \(shape \(6, 1\)\) leaves a feature .* exactly one"):
+        fn(_x((6, 3)), stats, training=True, mask=mask)
+    mask = np.ones((4, 1), bool)
+    mask[1:] = False  # ghost batches of 2: the first holds one valid example
+    with pytest.raises(ValueError, match=r"leaves a feature in a ghost batch .* exactly one"):
+        fn(_x((4, 3)), stats, training=True, mask=mask, ghost_batch_size=2)
+    with pytest.raises(ValueError, match=r"training needs more than one value per feature"):
+        fn(_x((1, 3)), stats, training=True)  # the same batch without a mask
+    _same(stats, before)
+
+
+@pytest.mark.parametrize("average", ["ema", "cumulative"])
+def test_traced_masked_batch_of_one_keeps_the_state(average):
+    stats = jn.BatchStats(jnp.asarray([0.5, -1.0, 2.0]), jnp.asarray([2.0, 0.5, 1.0]), jnp.asarray(3, jnp.int32))
+    before = _copy(stats)
+    x = _x((6, 3), seed=5)
+    bias = np.asarray([0.1, 0.2, 0.3], np.float32)
+    mask = np.zeros((6, 3), bool)
+    mask[:, 0] = True  # feature 0: six values; features 1 and 2: one value each
+    mask[4, 1:] = True
+    step = jax.jit(lambda x, s, m: jn.batch_norm(x, s, bias=bias, training=True, mask=m, average=average,
+                                                 unbiased=True))
+    y, new = step(x, stats, mask)
+    _same(new, before)  # no variance from one value: nothing folded in, count included
+    _same(stats, before)
+    np.testing.assert_allclose(np.asarray(y[4, 1:]), bias[1:], atol=1e-6)  # the batch of one's output: the bias
+    mask[5, 1:] = True  # two values: folded in as usual
+    _, new = step(x, stats, mask)
+    assert int(new.count) == 4
+
+
+@pytest.mark.parametrize(
+    ("name", "call"),
+    [
+        ("batch_norm", lambda x, m: jn.batch_norm(x, jn.init_batch_stats(3), training=True, mask=m)),
+        ("batch_renorm", lambda x, m: jn.batch_renorm(x, jn.init_batch_stats(3), training=True, mask=m)),
+        ("layer_norm", lambda x, m: jn.layer_norm(x, mask=m)),
+        ("rms_norm", lambda x, m: jn.rms_norm(x, mask=m)),
+        ("group_norm", lambda x, m: jn.group_norm(x, num_groups=3, mask=m)),
+        ("instance_norm", lambda x, m: jn.instance_norm(x, mask=m)),
+        ("adaptive_instance_norm", lambda x, m: jn.adaptive_instance_norm(x, x, mask=m)),
+        ("moments", lambda x, m: jn.moments(x, (0, 1), mask=m)),
+    ],
+)
+def test_lower_rank_mask_that_fits_two_ways_refused(name, call):
+    x = _x((3, 3, 3), seed=6)
+    mask = np.asarray([[True, True, False]] * 3)  # (3, 3): (1, 3, 3) by NumPy, or per example and time (3, 3, 1)?
+    with pytest.raises(ValueError, match=rf"{name}: `mask` of shape \(3, 3\) has fewer axes than `x` .*fits it in "
+                                         r"2 ways \(\(3, 3, 1\) or \(1, 3, 3\)\)"):
+        call(x, mask)
+    # x's rank says which; a lower rank that fits one way only is read NumPy's way
+    call(x, mask.reshape(3, 3, 1))
+
+
+def test_lower_rank_mask_read_one_way():
+    x = _x((8, 3), seed=7)
+    feature = np.asarray([True, False, True])
+    y1, s1 = jn.batch_norm(x, jn.init_batch_stats(3), training=True, mask=np.ones(3, bool))  # (3,) on (8, 3)
+    y2, s2 = jn.batch_norm(x, jn.init_batch_stats(3), training=True)
+    np.testing.assert_allclose(np.asarray(y1), np.asarray(y2), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(s1.var), np.asarray(s2.var), rtol=1e-6)
+    y = jn.layer_norm(x, mask=feature)  # one way only: per feature, for every row
+    xd = x.astype(np.float64)[:, feature]
+    ref = (x - xd.mean(1, keepdims=True)) / np.sqrt(xd.var(1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)
+
+
+_STYLE = _x((2, 5, 3), seed=9, scale=2.0) + 1.0
+
+
+@pytest.mark.parametrize(
+    ("call", "eps", "affine"),
+    [
+        (lambda x, m, g, b: jn.layer_norm(x, g, b, mask=m), 1e-6, "param"),
+        (lambda x, m, g, b: jn.rms_norm(x, g, mask=m) + b, 1e-6, "param"),
+        (lambda x, m, g, b: jn.group_norm(x, g, b, num_groups=1, mask=m), 1e-6, "param"),
+        (lambda x, m, g, b: jn.instance_norm(x, g, b, mask=m), 1e-6, "param"),
+        (lambda x, m, g, b: jn.adaptive_instance_norm(x, _STYLE, mask=m), 1e-5, "style"),
+    ],
+)
+def test_all_false_mask_value_per_example_norms(call, eps, affine):
+    # documented: a statistic without any valid value has mean 0 and variance 0,
+    # so its positions get x / sqrt(eps), then the norm's affine map
+    x = _x((2, 4, 3), seed=8)
+    mask = np.ones((2, 4, 1), bool)
+    mask[1] = False  # example 1 is all padding
+    g, b = np.asarray([1.0, 2.0, 0.5], np.float32), np.asarray([0.1, 0.0, -0.1], np.float32)
+    y = np.asarray(call(x, mask, g, b))
+    x_hat = x[1].astype(np.float64) / np.sqrt(eps)
+    if affine == "param":
+        ref = x_hat * g + b
+    else:
+        style = _STYLE[1].astype(np.float64)
+        ref = x_hat * np.sqrt(style.var(0) + eps) + style.mean(0)
+    np.testing.assert_allclose(y[1], ref, rtol=1e-5)
+    assert np.all(np.isfinite(y[0]))
