@@ -476,3 +476,87 @@ def test_all_false_mask_value_per_example_norms(call, eps, affine):
         ref = x_hat * np.sqrt(style.var(0) + eps) + style.mean(0)
     np.testing.assert_allclose(y[1], ref, rtol=1e-5)
     assert np.all(np.isfinite(y[0]))
+
+
+# 8. complex inputs: refused with the reason (flax's |x|^2 semantics are not implemented).
+
+_C = (np.ones((4, 2, 3)) + 1j * np.ones((4, 2, 3))).astype(np.complex64)
+
+
+@pytest.mark.parametrize(
+    ("name", "arg", "call"),
+    [
+        ("batch_norm", "x", lambda x: jn.batch_norm(x, jn.init_batch_stats(3), training=True)),
+        ("batch_renorm", "x", lambda x: jn.batch_renorm(x, jn.init_batch_stats(3), training=False)),
+        ("layer_norm", "x", lambda x: jn.layer_norm(x)),
+        ("rms_norm", "x", lambda x: jn.rms_norm(x)),
+        ("group_norm", "x", lambda x: jn.group_norm(x, num_groups=1)),
+        ("instance_norm", "x", lambda x: jn.instance_norm(x)),
+        ("adaptive_instance_norm", "x", lambda x: jn.adaptive_instance_norm(x, x.real)),
+        ("local_response_norm", "x", lambda x: jn.local_response_norm(x, size=3)),
+        ("filter_response_norm", "x", lambda x: jn.filter_response_norm(x)),
+        ("moments", "x", lambda x: jn.moments(x, 0)),
+        ("normalize", "x", lambda x: jn.normalize(x, 0.0, 1.0, epsilon=1e-5)),
+        ("weight_norm", "kernel", lambda x: jn.weight_norm(x)),
+        ("layer_norm", "scale", lambda x: jn.layer_norm(x.real, x[0, 0])),
+    ],
+)
+def test_complex_refused_with_reason(name, arg, call):
+    with pytest.raises(ValueError, match=rf"^{name}: `{arg}` has dtype complex64 .*complex inputs are unsupported "
+                                         r"\(flax's layers normalize by \|x\|\^2"):
+        call(_C)
+
+
+@pytest.mark.parametrize("layer", ["BatchNorm", "LayerNorm", "RMSNorm", "GroupNorm", "InstanceNorm"])
+def test_complex_refused_by_flax_layers(layer):
+    from flax import nnx
+
+    import jaxnorm.nnx as jnx
+
+    kwargs = {"GroupNorm": dict(num_groups=1)}.get(layer, {})
+    lin = getattr(jnl, layer)(**kwargs, **({"use_running_average": False} if layer == "BatchNorm" else {}))
+    with pytest.raises(ValueError, match=r"`x` has dtype complex64 .*complex inputs are unsupported"):
+        lin.init(jax.random.key(0), _C)
+    mod = getattr(jnx, layer)(3, **kwargs, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"`x` has dtype complex64 .*complex inputs are unsupported"):
+        mod(_C)
+
+
+def test_complex_refusal_listed_among_flax_differences():
+    import pathlib
+
+    text = pathlib.Path(__file__).parents[1].joinpath("docs/guides/flax.md").read_text()
+    section = text[text.index("## Where jaxnorm differs from flax"):]
+    assert "**Complex inputs.**" in section and "|x|" in section
+
+
+# 9. the supported float32 range (docs/guides/numerics.md, "Supported range").
+
+
+def test_float32_range_boundary_as_documented():
+    import pathlib
+    import re
+
+    text = pathlib.Path(__file__).parents[1].joinpath("docs/guides/numerics.md").read_text()
+    stated = float(re.search(r"\|x\| ≤ ([0-9.]+e[0-9]+) / sqrt\(n\)", text).group(1))
+    f32max = float(np.finfo(np.float32).max)
+    assert stated == pytest.approx(math.sqrt(f32max / 4), rel=0.01)
+    n = 16
+    stats = jn.init_batch_stats(3)
+    before = _copy(stats)
+    inside = 0.999 * math.sqrt(f32max / (4 * n))
+    x = np.full((n, 3), -inside, np.float32)
+    x[0] = inside  # the worst case: every other value 2 * inside from the shift
+    xd = x.astype(np.float64)
+    for mask in (None, np.ones((n, 1), bool)):
+        y, new = jn.batch_norm(x, stats, training=True, momentum=0.0, mask=mask)
+        np.testing.assert_allclose(np.asarray(new.var), xd.var(0), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(y), (xd - xd.mean(0)) / np.sqrt(xd.var(0)), rtol=1e-4, atol=1e-4)
+    for y in (jn.layer_norm(x.T), jn.rms_norm(x.T), jn.group_norm(x.T[..., None], num_groups=1)):
+        assert np.all(np.isfinite(np.asarray(y))) and float(jnp.max(jnp.abs(y))) > 0.5
+    beyond = 1.01 * math.sqrt(f32max / (4 * (n - 1)))
+    x = np.full((n, 3), -beyond, np.float32)
+    x[0] = beyond
+    _, new = jn.batch_norm(x, stats, training=True)
+    _same(new, before)  # the overflowed variance is not folded in
+    _same(stats, before)

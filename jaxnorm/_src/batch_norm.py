@@ -441,8 +441,8 @@ def batch_norm(
     stats = check_stats(fn, stats)
     if average == "ema":
         check_momentum(fn, momentum)
-    check_out_dtype(fn, dtype)
     x, lay, mask = check_inputs(fn, x, stats, scale, bias, axis, mask)
+    check_out_dtype(fn, dtype)
     out_dtype = x.dtype if dtype is None else dtype
     if not training:
         return evaluate(x, stats, scale, bias, lay, epsilon, out_dtype), stats

@@ -106,8 +106,8 @@ def layer_norm(
       [-1.2247, 0.0, 1.2247]
     """
     check_epsilon("layer_norm", epsilon)
-    check_out_dtype("layer_norm", dtype)
     x, axes, mask, p = _prepare("layer_norm", x, axis, mask, {"scale": scale, "bias": bias}, feature_axes)
+    check_out_dtype("layer_norm", dtype)
     y, _ = standardize(
         x, axes, epsilon=epsilon, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
         scale=p["scale"], bias=p["bias"], dtype=x.dtype if dtype is None else dtype,
@@ -158,8 +158,8 @@ def rms_norm(
       [0.8485, 1.1314]
     """
     check_epsilon("rms_norm", epsilon)
-    check_out_dtype("rms_norm", dtype)
     x, axes, mask, p = _prepare("rms_norm", x, axis, mask, {"scale": scale}, feature_axes)
+    check_out_dtype("rms_norm", dtype)
     y, _ = standardize(
         x, axes, epsilon=epsilon, mask=mask, center=False,
         axis_name=axis_name, axis_index_groups=axis_index_groups,
