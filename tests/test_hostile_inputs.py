@@ -560,3 +560,138 @@ def test_float32_range_boundary_as_documented():
     _, new = jn.batch_norm(x, stats, training=True)
     _same(new, before)  # the overflowed variance is not folded in
     _same(stats, before)
+
+
+# 10. traced momentum, r_max, d_max: jit arguments, vmap sweeps, schedules, the Flax layers.
+
+
+def _ema_ref(stats_mean, stats_var, x, momentum):
+    xd = x.astype(np.float64)
+    return momentum * stats_mean + (1 - momentum) * xd.mean(0), momentum * stats_var + (1 - momentum) * xd.var(0)
+
+
+def test_vmap_sweep_over_momentum_and_limits():
+    x = _x((8, 3), seed=10, scale=2.0) + 1.0
+    stats = jn.BatchStats(jnp.asarray([0.5, -0.5, 1.0]), jnp.asarray([2.0, 0.5, 1.0]), jnp.asarray(3, jnp.int32))
+    mu, var = np.asarray(stats.mean, np.float64), np.asarray(stats.var, np.float64)
+    ms = np.asarray([0.0, 0.5, 0.9, 1.0], np.float32)
+    _, swept = jax.vmap(lambda m: jn.batch_norm(x, stats, training=True, momentum=m))(ms)
+    _, swept_rn = jax.vmap(lambda m: jn.batch_renorm(x, stats, training=True, momentum=m))(ms)
+    for i, m in enumerate(ms.astype(np.float64)):
+        ref_mean, ref_var = _ema_ref(mu, var, x, m)
+        for s in (swept, swept_rn):
+            np.testing.assert_allclose(np.asarray(s.mean[i]), ref_mean, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(np.asarray(s.var[i]), ref_var, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(swept.count), 4)
+    rs, ds = np.asarray([1.0, 1.2, 3.0], np.float32), np.asarray([0.0, 0.1, 5.0], np.float32)
+    ys, _ = jax.jit(jax.vmap(lambda r, d: jn.batch_renorm(x, stats, training=True, r_max=r, d_max=d)))(rs, ds)
+    xd = x.astype(np.float64)
+    sig_b, sigma = np.sqrt(xd.var(0) + 1e-5), np.sqrt(var + 1e-5)
+    for i in range(3):
+        r = np.clip(sig_b / sigma, 1 / rs[i], rs[i])
+        d = np.clip((xd.mean(0) - mu) / sigma, -ds[i], ds[i])
+        np.testing.assert_allclose(np.asarray(ys[i]), (xd - xd.mean(0)) / sig_b * r + d, rtol=1e-4, atol=1e-4)
+
+
+def test_momentum_and_renorm_schedules_in_one_scan():
+    xs = _x((5, 8, 2), seed=11, scale=3.0) + 2.0
+
+    def momentum_at(step):  # a warm-up schedule: fast averaging first, slower later
+        return jnp.minimum(0.5 + 0.1 * step, 0.9)
+
+    def body(stats, inputs):
+        step, x = inputs
+        r_max, d_max = jn.renorm_schedule(step, warmup_steps=1, r_max_steps=3, d_max_steps=3)
+        _, stats = jn.batch_renorm(x, stats, training=True, momentum=momentum_at(step), r_max=r_max, d_max=d_max)
+        return stats, None
+
+    stats, _ = jax.jit(lambda s: jax.lax.scan(body, s, (jnp.arange(5), xs)))(jn.init_batch_stats(2))
+    mean, var = np.zeros(2), np.ones(2)
+    for step in range(5):
+        mean, var = _ema_ref(mean, var, xs[step], min(0.5 + 0.1 * step, 0.9))
+    np.testing.assert_allclose(np.asarray(stats.mean), mean, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(stats.var), var, rtol=1e-5)
+    assert int(stats.count) == 5
+
+
+@pytest.mark.parametrize("momentum", [float("nan"), 1.5, -0.5])
+def test_traced_bad_momentum_leaves_state_untouched(momentum):
+    stats = jn.BatchStats(jnp.asarray([0.5, -0.5, 1.0]), jnp.asarray([2.0, 0.5, 1.0]), jnp.asarray(3, jnp.int32))
+    before = _copy(stats)
+    for fn in (jn.batch_norm, jn.batch_renorm):
+        _, new = jax.jit(lambda s, m: fn(_x(), s, training=True, momentum=m))(stats, jnp.float32(momentum))  # noqa: B023
+        _same(new, before)
+    _same(stats, before)
+
+
+def test_traced_momentum_must_be_a_scalar():
+    with pytest.raises(ValueError, match=r"batch_norm: `momentum` must be a real scalar, got a traced"):
+        jax.jit(lambda m: jn.batch_norm(_x(), jn.init_batch_stats(3), training=True, momentum=m))(jnp.ones(3) * 0.9)
+
+
+@pytest.mark.parametrize(("name", "value"), [("r_max", True), ("r_max", "3"), ("r_max", float("nan")),
+                                             ("r_max", np.ones(3) * 2), ("d_max", -1.0), ("d_max", np.bool_(True))])
+def test_concrete_limits_refused(name, value):
+    stats = jn.init_batch_stats(3)
+    before = _copy(stats)
+    with pytest.raises(ValueError, match=rf"batch_renorm: `{name}` must be >= [01], got .* \(a real scalar"):
+        jn.batch_renorm(_x(), stats, training=True, **{name: value})
+    with pytest.raises(ValueError, match=rf"renorm_schedule: `{name}` must be >= [01]"):
+        jn.renorm_schedule(0, **{name: value})
+    _same(stats, before)
+    jn.batch_renorm(_x(), stats, training=True, r_max=np.float32(np.inf), d_max=np.inf)  # no clipping: allowed
+
+
+def test_linen_layers_take_traced_hyperparameters():
+    x = _x((8, 3), seed=12) * 2 + 1
+    xd = x.astype(np.float64)
+    variables = jnl.BatchRenorm(use_running_average=False).init(jax.random.key(0), x)
+
+    @jax.jit
+    def step(variables, m, r, d):  # a traced field (module built inside the step) or a call-time momentum
+        _, upd = jnl.BatchNorm(use_running_average=False, momentum=m).apply(variables, x, mutable=["batch_stats"])
+        y, upd_rn = jnl.BatchRenorm(use_running_average=False).apply(
+            variables, x, r_max=r, d_max=d, momentum=m, mutable=["batch_stats"])
+        return upd["batch_stats"], y, upd_rn["batch_stats"]
+
+    bn, y, rn = step(variables, jnp.float32(0.75), jnp.float32(1.0), jnp.float32(0.0))
+    ref_mean, ref_var = _ema_ref(np.zeros(3), np.ones(3), x, 0.75)
+    for s in (bn, rn):
+        np.testing.assert_allclose(np.asarray(s["mean"]), ref_mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(s["var"]), ref_var, rtol=1e-5)
+    # r_max = 1, d_max = 0 is batch norm
+    np.testing.assert_allclose(np.asarray(y), (xd - xd.mean(0)) / np.sqrt(xd.var(0) + 1e-5), rtol=1e-4, atol=1e-4)
+    bn, _, rn = step(variables, jnp.float32(np.nan), jnp.float32(2.0), jnp.float32(1.0))
+    _same(bn, variables["batch_stats"])
+    _same(rn, variables["batch_stats"])
+
+
+def test_nnx_layers_take_traced_hyperparameters():
+    from flax import nnx
+
+    import jaxnorm.nnx as jnx
+
+    x = _x((8, 3), seed=13) * 2 + 1
+    bn, rn = jnx.BatchNorm(3, rngs=nnx.Rngs(0)), jnx.BatchRenorm(3, rngs=nnx.Rngs(0))
+
+    @nnx.jit
+    def step(bn, rn, m, r, d):  # a traced momentum goes in at call time (nnx keeps attributes static)
+        return bn(x, momentum=m), rn(x, r_max=r, d_max=d, momentum=m)
+
+    step(bn, rn, jnp.float32(0.75), jnp.float32(1.5), jnp.float32(0.5))
+    ref_mean, ref_var = _ema_ref(np.zeros(3), np.ones(3), x, 0.75)
+    for layer in (bn, rn):
+        np.testing.assert_allclose(np.asarray(layer.mean[...]), ref_mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(layer.var[...]), ref_var, rtol=1e-5)
+        assert int(layer.count[...]) == 1
+    before = _copy((bn.mean[...], bn.var[...], bn.count[...]))
+    step(bn, rn, jnp.float32(np.nan), jnp.float32(1.5), jnp.float32(0.5))
+    _same((bn.mean[...], bn.var[...], bn.count[...]), before)
+    _same((rn.mean[...], rn.var[...], rn.count[...]), before)
+    bad = jnx.BatchNorm(3, momentum=1.5, rngs=nnx.Rngs(0))
+    before = _copy((bad.mean[...], bad.var[...], bad.count[...]))
+    with pytest.raises(ValueError, match=r"batch_norm: `momentum`=1.5 must be a number in \[0, 1\]"):
+        bad(x)
+    _same((bad.mean[...], bad.var[...], bad.count[...]), before)
+    with pytest.raises(ValueError, match=r"batch_renorm: `r_max` must be >= 1, got 0.5"):
+        rn(x, r_max=0.5)
