@@ -695,3 +695,76 @@ def test_nnx_layers_take_traced_hyperparameters():
     _same((bad.mean[...], bad.var[...], bad.count[...]), before)
     with pytest.raises(ValueError, match=r"batch_renorm: `r_max` must be >= 1, got 0.5"):
         rn(x, r_max=0.5)
+
+
+# 11. the case classes of section 4: integers are integers, the rest a ValueError naming the argument.
+
+
+@pytest.mark.parametrize("value", [2.0, True, 0, np.float64(2)])
+def test_num_groups_not_a_positive_int_refused(value):
+    with pytest.raises(ValueError, match=r"group_norm: `num_groups` must be a positive int .*got "):
+        jn.group_norm(_x((2, 6)), num_groups=value)
+    with pytest.raises(ValueError, match=r"group_norm: `group_size` must be a positive int"):
+        jn.group_norm(_x((2, 6)), group_size=value)
+    y = jn.group_norm(_x((2, 6)), group_size=np.int32(3))
+    assert y.shape == (2, 6)
+
+
+@pytest.mark.parametrize(
+    ("name", "call"),
+    [
+        ("layer_norm", lambda d: jn.layer_norm(_x(), dtype=d)),
+        ("rms_norm", lambda d: jn.rms_norm(_x(), dtype=d)),
+        ("group_norm", lambda d: jn.group_norm(_x(), num_groups=1, dtype=d)),
+        ("instance_norm", lambda d: jn.instance_norm(_x((2, 4, 3)), dtype=d)),
+        ("normalize", lambda d: jn.normalize(_x(), 0.0, 1.0, epsilon=1e-5, dtype=d)),
+        ("weight_norm", lambda d: jn.weight_norm(_x(), dtype=d)),
+        ("weight_standardize", lambda d: jn.weight_standardize(_x(), dtype=d)),
+        ("spectral_norm", lambda d: jn.spectral_norm(_x(), jn.init_spectral_state(jax.random.key(0), (8, 3)),
+                                                     update_stats=False, dtype=d)[0]),
+    ],
+)
+def test_int_output_dtype_refused_everywhere(name, call):
+    for dtype in (jnp.int32, np.uint8, bool):
+        with pytest.raises(ValueError, match=rf"{name}: `dtype`=\w+ must be a floating dtype"):
+            call(dtype)
+    assert call(jnp.bfloat16).dtype == jnp.bfloat16
+
+
+def test_int_state_dtype_refused_where_made_and_where_used():
+    for dtype in (jnp.int32, bool):
+        with pytest.raises(ValueError, match=r"init_batch_stats: `dtype`=\w+ must be a real floating dtype"):
+            jn.init_batch_stats(3, dtype=dtype)
+    stats = jn.BatchStats(jnp.zeros(3), jnp.ones(3, jnp.int32), jnp.asarray(0, jnp.int32))
+    before = _copy(stats)
+    with pytest.raises(ValueError, match=r"batch_renorm: `stats.var` has dtype int32.*must be floating"):
+        jn.batch_renorm(_x(), stats, training=True)
+    _same(stats, before)
+    assert jn.init_batch_stats(np.array(3)).mean.shape == (3,)  # a 0-d integer array is an integer
+    assert jn.init_batch_stats((jnp.asarray(2), np.int8(3))).var.shape == (2, 3)
+
+
+@pytest.mark.parametrize(
+    ("name", "arg", "call"),
+    [
+        ("layer_norm", "axis", lambda: jn.layer_norm(_x(), axis=1.0)),
+        ("rms_norm", "axis", lambda: jn.rms_norm(_x(), axis=(0, 1.0))),
+        ("group_norm", "channel_axis", lambda: jn.group_norm(_x(), num_groups=1, channel_axis=1.0)),
+        ("moments", "axes", lambda: jn.moments(_x(), np.float32(0))),
+        ("batch_renorm", "axis", lambda: jn.batch_renorm(_x(), jn.init_batch_stats(3), training=True, axis=True)),
+    ],
+)
+def test_non_integer_axes_refused(name, arg, call):
+    with pytest.raises(ValueError, match=rf"{name}: `{arg}` must be an int or a tuple of ints"):
+        call()
+
+
+def test_batch_norm_to_torch_takes_a_tuple_and_refuses_other_kinds():
+    import jaxnorm.interop as ji
+
+    stats = jn.init_batch_stats(3)._replace(count=jnp.asarray(7, jnp.int32))
+    sd = ji.batch_norm_to_torch({}, tuple(stats))
+    assert int(sd["num_batches_tracked"]) == 7 and sd["running_var"].tolist() == [1.0, 1.0, 1.0]
+    for bad in ((stats.mean, stats.var), {"mean": stats.mean}, np.zeros(3)):
+        with pytest.raises(ValueError, match=r"batch_norm_to_torch: `stats` must be a BatchStats, a mapping"):
+            ji.batch_norm_to_torch({}, bad)
