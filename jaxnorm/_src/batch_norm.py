@@ -15,8 +15,9 @@ Running-average policies (``average=``):
 variance (the paper's Algorithm 2, PyTorch's behaviour); normalization during
 training always uses the biased batch variance.
 
-A batch with any non-finite statistic, or with no valid value for some feature,
-leaves every feature and the count unchanged: one NaN batch must not erase a
+A batch with any non-finite statistic, or with fewer than two valid values for
+some feature (a masked batch of one: no variance estimate), leaves every
+feature and the count unchanged: one NaN batch must not erase a
 training run's statistics.
 
 Ghost batches (``ghost_batch_size=k``) and plain batches share one training
@@ -384,7 +385,9 @@ def batch_norm(
       axis: kept feature axis or axes.
       momentum: weight on the old running value, ``new = momentum * old +
         (1 - momentum) * batch`` (flax's convention). PyTorch's ``momentum=0.1``
-        is ``momentum=0.9`` here.
+        is ``momentum=0.9`` here. A concrete value must lie in [0, 1]; a traced
+        one (a schedule, a vmap sweep) outside it, or NaN, leaves the state
+        untouched, count included.
       epsilon: added to the variance.
       average: ``"ema"`` or ``"cumulative"`` (PyTorch's ``momentum=None``).
       unbiased: update the running variance with ``m/(m-1)`` times the batch's
@@ -392,7 +395,15 @@ def batch_norm(
       mask: bool, broadcasts to ``x`` (e.g. (N, 1) for (N, C)); True marks values
         that count. Masked values (NaN included) reach neither the statistics nor
         their gradients; their outputs are normalized with the same statistics.
-        A ghost batch without valid values is left out of the running statistics.
+        A mask of lower rank than x must fit it one way only (a (3,) mask on a
+        (3, 3) batch is refused: give it x's rank). A feature with exactly one
+        valid value is a batch of one: refused when the mask is concrete; with
+        a traced mask its output is the bias and the batch is not folded into
+        the running statistics. A feature without any valid value gets mean 0
+        and variance 0 (outputs ``x / sqrt(epsilon) * scale + bias``; flax
+        gives NaN) and the batch is not folded in either (every feature and
+        the count kept). A ghost batch with fewer than two valid values is
+        left out of the running statistics.
       axis_name: named axis (``shard_map``, ``pmap``, ``vmap``) to synchronize
         statistics over: the batch statistics (and the running ones, and the
         ``unbiased`` m) are those of the global batch, count-weighted when
@@ -417,8 +428,8 @@ def batch_norm(
 
     Raises:
       ValueError: bad axes, shapes, mask, option values, a traced ``training``,
-        non-floating input, training with one value per feature (per ghost
-        batch; not checked with ``axis_name``), a ``ghost_batch_size`` that does
+        non-floating (or complex) input, training with one value per feature
+        (per ghost batch, or left by a concrete mask; not checked with ``axis_name``), a ``ghost_batch_size`` that does
         not divide the batch or comes with ``axis_name``, or bad
         ``axis_index_groups``.
 

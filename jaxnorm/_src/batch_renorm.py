@@ -104,8 +104,8 @@ def batch_renorm(
       scale, bias: optional gamma and beta: the feature shape, or per example: x's
         rank with each size 1 or x's, e.g. (N, 1, 1, C).
       training: static Python bool.
-      r_max: bound on ``r`` (>= 1); a Python number or a traced scalar.
-      d_max: bound on ``|d|`` (>= 0); a Python number or a traced scalar.
+      r_max: bound on ``r`` (>= 1, inf allowed); a real scalar or a traced one.
+      d_max: bound on ``|d|`` (>= 0, inf allowed); a real scalar or a traced one.
       axis: kept feature axis or axes.
       momentum: weight on the old running value, ``new = momentum * old +
         (1 - momentum) * batch`` (flax's convention; PyTorch's ``momentum=0.1``
@@ -113,7 +113,9 @@ def batch_renorm(
         every step and feed ``r`` and ``d``, so they should track the weights
         closely: keep ``momentum`` moderate (e.g. 0.99).
       epsilon: added to the variances.
-      mask: bool, broadcasts to ``x``; True marks values that count.
+      mask: bool, broadcasts to ``x``; True marks values that count; as in
+        :func:`jaxnorm.batch_norm` (lower-rank masks, batches of one, features
+        without valid values).
       axis_name: named axis to synchronize batch statistics over (as in
         :func:`jaxnorm.batch_norm`: one all-reduce forward, one backward; ``r``
         and ``d`` then come from the global batch's statistics).

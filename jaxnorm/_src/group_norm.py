@@ -164,6 +164,10 @@ def group_norm(
         time step on its own, as flax's field does.
       epsilon: added to the variance.
       mask: bool, broadcasts to x; True marks values that count.
+        A mask of lower rank than x must fit it one way only (else give it x's rank).
+        A statistic without any valid value (an all-False mask along the reduced
+        axes, e.g. a padded example) has mean 0 and variance 0: its positions get
+        ``x / sqrt(epsilon)`` times scale plus bias (flax gives NaN); keep them out of the loss.
       axis_name, axis_index_groups: also reduce over devices along this named
         axis, as flax's fields.
       dtype: output dtype; default x's dtype.
@@ -212,6 +216,10 @@ def instance_norm(
         (flax InstanceNorm's ``feature_axes``); every other non-batch axis is reduced.
       epsilon: added to the variance.
       mask: bool, broadcasts to x; True marks values that count.
+        A mask of lower rank than x must fit it one way only (else give it x's rank).
+        A statistic without any valid value (an all-False mask along the reduced
+        axes, e.g. a padded example) has mean 0 and variance 0: its positions get
+        ``x / sqrt(epsilon)`` times scale plus bias (flax gives NaN); keep them out of the loss.
       axis_name, axis_index_groups: also reduce over devices along this named
         axis, as flax's fields.
       dtype: output dtype; default x's dtype.

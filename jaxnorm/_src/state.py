@@ -12,7 +12,8 @@ NamedTuple pytree (works under jit, vmap, scan; ``_replace`` for updates).
   the paper's Algorithm 2; :func:`unbias`).
 - the count saturates at its dtype's maximum instead of wrapping;
 - the non-finite guard: a batch with any non-finite statistic, or a feature
-  without valid values, leaves every feature and the count as they were.
+  without valid values, leaves every feature and the count as they were; so
+  does a traced momentum outside [0, 1] or NaN (a concrete one is refused).
 - updates are cast back to the state's dtypes, so dtypes never drift.
 
 :class:`RecalibrationStats` is the same state marked for a PreciseBN pass
