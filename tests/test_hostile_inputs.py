@@ -242,6 +242,10 @@ def test_float_axis_refused():
 def test_bool_epsilon_refused(epsilon):
     with pytest.raises(ValueError, match=r"batch_norm: `epsilon` must be a finite number >= 0"):
         jn.batch_norm(_x(), jn.init_batch_stats(3), training=True, epsilon=epsilon)
+    for name, call in (("layer_norm", jn.layer_norm), ("rms_norm", jn.rms_norm),
+                       ("instance_norm", lambda x, epsilon: jn.instance_norm(x[None], epsilon=epsilon))):
+        with pytest.raises(ValueError, match=rf"{name}: `epsilon` must be a finite number >= 0"):
+            call(_x(), epsilon=epsilon)
 
 
 def test_numpy_int_num_groups():
@@ -619,8 +623,8 @@ def test_traced_bad_momentum_leaves_state_untouched(momentum):
     stats = jn.BatchStats(jnp.asarray([0.5, -0.5, 1.0]), jnp.asarray([2.0, 0.5, 1.0]), jnp.asarray(3, jnp.int32))
     before = _copy(stats)
     for fn in (jn.batch_norm, jn.batch_renorm):
-        _, new = jax.jit(lambda s, m: fn(_x(), s, training=True, momentum=m))(stats, jnp.float32(momentum))  # noqa: B023
-        _same(new, before)
+        step = jax.jit(lambda s, m: fn(_x(), s, training=True, momentum=m))  # noqa: B023
+        _same(step(stats, jnp.float32(momentum))[1], before)
     _same(stats, before)
 
 
