@@ -129,7 +129,10 @@ def test_feature_without_valid_values_leaves_the_state_unchanged():
     mask[:, 2] = False  # feature 2 has no valid value in this batch
     _, new = jax.jit(lambda x, s: jn.batch_norm(x, s, training=True, mask=mask))(x, stats)
     chex.assert_trees_all_equal(new, stats)
-    mask[0, 2] = True  # one valid value is enough to update
+    mask[0, 2] = True  # one valid value is a batch of one: still no variance estimate
+    _, new = jax.jit(lambda x, s: jn.batch_norm(x, s, training=True, mask=mask))(x, stats)
+    chex.assert_trees_all_equal(new, stats)
+    mask[1, 2] = True  # two are enough to update
     _, new = jax.jit(lambda x, s: jn.batch_norm(x, s, training=True, mask=mask))(x, stats)
     assert int(new.count) == 6
 

@@ -99,7 +99,9 @@ class BatchNorm(nn.Module):
     unbiased: bool = False
 
     @nn.compact
-    def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None) -> Array:
+    def __call__(
+        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None, momentum: Any = None
+    ) -> Array:
         """Normalizes ``x`` with batch statistics (training) or running ones.
 
         Args:
@@ -107,6 +109,7 @@ class BatchNorm(nn.Module):
           use_running_average: True to evaluate; give it here or as the field, not both.
           mask: bool, broadcasts to x (e.g. (B, T, 1) for padded sequences);
             True marks values that count in the statistics.
+          momentum: this call's momentum (e.g. a traced schedule value); default the field.
 
         Returns:
           Array of x's shape.
@@ -115,7 +118,7 @@ class BatchNorm(nn.Module):
           ValueError: ``use_running_average`` given twice or not at all, bad
             axes, shapes, mask or options (from :func:`jaxnorm.batch_norm`).
         """
-        return self._normalize(x, use_running_average, mask, batch_norm)
+        return self._normalize(x, use_running_average, mask, batch_norm, **call_momentum(momentum))
 
     def _normalize(
         self, x: Array, use_running_average: bool | None, mask: Array | None, core: Any, **options: Any
@@ -152,8 +155,7 @@ class BatchNorm(nn.Module):
             training=training,
             mask=mask,
             dtype=output_dtype(self.dtype, x, scale, bias),
-            **batch_norm_options(self, initializing=initializing),
-            **options,
+            **{**batch_norm_options(self, initializing=initializing), **options},
         )
         if training and not initializing:
             mean.value, var.value, count.value = new.mean, new.var, new.count
@@ -200,6 +202,7 @@ class BatchRenorm(BatchNorm):
         r_max: Any = None,
         d_max: Any = None,
         mask: Array | None = None,
+        momentum: Any = None,
     ) -> Array:
         """Normalizes ``x``, in training with the renorm correction.
 
@@ -209,6 +212,7 @@ class BatchRenorm(BatchNorm):
           r_max, d_max: this call's limits (e.g. from :func:`jaxnorm.renorm_schedule`);
             default the fields.
           mask: bool, broadcasts to x; True marks values that count.
+          momentum: this call's momentum (e.g. a traced schedule value); default the field.
 
         Returns:
           Array of x's shape.
@@ -223,4 +227,14 @@ class BatchRenorm(BatchNorm):
             batch_renorm,
             r_max=self.r_max if r_max is None else r_max,
             d_max=self.d_max if d_max is None else d_max,
+            **call_momentum(momentum),
         )
+
+
+def call_momentum(momentum: Any) -> dict[str, Any]:
+    """The call-time ``momentum`` as a keyword for the core, when given.
+
+    A traced momentum (a schedule inside one compiled step) belongs here rather
+    than in the field, which is a static module field.
+    """
+    return {} if momentum is None else {"momentum": momentum}

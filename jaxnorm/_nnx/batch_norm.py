@@ -117,13 +117,16 @@ class BatchNorm(nnx.Module):
         self.average = average
         self.unbiased = unbiased
 
-    def __call__(self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None) -> Array:
+    def __call__(
+        self, x: Array, use_running_average: bool | None = None, *, mask: Array | None = None, momentum: Any = None
+    ) -> Array:
         """Normalizes ``x``; in training also updates ``mean``, ``var`` and ``count``.
 
         Args:
           x: (N, ..., C) (or C on ``axis``), floating.
           use_running_average: overrides the attribute for this call.
           mask: bool, broadcasts to x; True marks values that count.
+          momentum: this call's momentum (e.g. a traced schedule value); default the attribute.
 
         Returns:
           Array of x's shape.
@@ -132,7 +135,7 @@ class BatchNorm(nnx.Module):
           ValueError: ``use_running_average`` is None in both places, or bad
             axes, shapes, mask or options (from :func:`jaxnorm.batch_norm`).
         """
-        return self._normalize(x, use_running_average, mask, batch_norm)
+        return self._normalize(x, use_running_average, mask, batch_norm, **call_momentum(momentum))
 
     def _normalize(
         self, x: Array, use_running_average: bool | None, mask: Array | None, core: Any, **options: Any
@@ -160,8 +163,7 @@ class BatchNorm(nnx.Module):
             training=training,
             mask=mask,
             dtype=self.dtype,
-            **batch_norm_options(self),
-            **options,
+            **{**batch_norm_options(self), **options},
         )
         if training:
             self.mean[...], self.var[...], self.count[...] = new.mean, new.var, new.count
@@ -224,6 +226,7 @@ class BatchRenorm(BatchNorm):
         r_max: Any = None,
         d_max: Any = None,
         mask: Array | None = None,
+        momentum: Any = None,
     ) -> Array:
         """Normalizes ``x``, in training with the renorm correction.
 
@@ -233,6 +236,7 @@ class BatchRenorm(BatchNorm):
           r_max, d_max: this call's limits (e.g. from :func:`jaxnorm.renorm_schedule`);
             default the attributes.
           mask: bool, broadcasts to x; True marks values that count.
+          momentum: this call's momentum (e.g. a traced schedule value); default the attribute.
 
         Returns:
           Array of x's shape.
@@ -247,6 +251,7 @@ class BatchRenorm(BatchNorm):
             batch_renorm,
             r_max=self.r_max if r_max is None else r_max,
             d_max=self.d_max if d_max is None else d_max,
+            **call_momentum(momentum),
         )
 
 
@@ -258,3 +263,12 @@ def layer_state(layer: BatchNorm) -> BatchStats:
 def set_layer_state(layer: BatchNorm, stats: BatchStats) -> None:
     """Stores ``stats`` in the layer's ``nnx.BatchStat`` variables."""
     layer.mean[...], layer.var[...], layer.count[...] = stats.mean, stats.var, stats.count
+
+
+def call_momentum(momentum: Any) -> dict[str, Any]:
+    """The call-time ``momentum`` as a keyword for the core, when given.
+
+    A traced momentum (a schedule inside one compiled step) belongs here rather
+    than in the attribute, which nnx keeps as static metadata.
+    """
+    return {} if momentum is None else {"momentum": momentum}

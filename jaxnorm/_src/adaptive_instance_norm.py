@@ -75,7 +75,9 @@ def adaptive_instance_norm(
         number (a static option of the fused op).
       mask: bool, broadcasts to ``x``; True marks content values that count in
         the content's statistics (masked values, NaN included, reach neither
-        the statistics nor their gradients).
+        the statistics nor their gradients). A lower-rank mask must fit x one
+        way only. A statistic without any valid value has mean 0 and variance
+        0: its positions get ``x / sqrt(epsilon)`` times the style's std plus its mean.
 
     Returns:
       Array of x's shape and dtype.

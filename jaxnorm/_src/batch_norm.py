@@ -15,8 +15,9 @@ Running-average policies (``average=``):
 variance (the paper's Algorithm 2, PyTorch's behaviour); normalization during
 training always uses the biased batch variance.
 
-A batch with any non-finite statistic, or with no valid value for some feature,
-leaves every feature and the count unchanged: one NaN batch must not erase a
+A batch with any non-finite statistic, or with fewer than two valid values for
+some feature (a masked batch of one: no variance estimate), leaves every
+feature and the count unchanged: one NaN batch must not erase a
 training run's statistics.
 
 Ghost batches (``ghost_batch_size=k``) and plain batches share one training
@@ -48,6 +49,7 @@ from jaxnorm._src.checks import (
     check_epsilon,
     check_floating,
     check_mask,
+    check_out_dtype,
     check_static_bool,
 )
 from jaxnorm._src.collectives import merge_stacked
@@ -95,6 +97,31 @@ def check_enough_values(fn: str, per_feature: int, x_shape: tuple[int, ...], axi
             f"`training=False`, or use layer_norm/group_norm for batch size 1."
         )
     return per_feature
+
+
+def check_enough_masked(fn: str, view: BatchView, mask: Any, x_shape: tuple[int, ...], axis: Any) -> None:
+    """Raises when a concrete mask leaves some statistic exactly one valid value: a batch of one.
+
+    Without a mask that batch is refused (:func:`check_enough_values`); with a
+    mask it would be normalized to the bias alone. A traced mask cannot be
+    read here: :func:`fold_batch` then keeps such a batch out of the running
+    statistics. A statistic with no valid value at all is allowed: none of its
+    outputs count.
+    """
+    if view.mask is None or isinstance(view.mask, jax.core.Tracer):
+        return
+    flags = np.asarray(view.mask)
+    if flags.all():
+        return
+    counts = np.broadcast_to(flags, view.x.shape).sum(view.axes)
+    if np.any(counts == 1):
+        where = "a feature" if view.x.shape[0] == 1 else "a feature in a ghost batch"
+        raise ValueError(
+            f"{fn}: training needs more than one valid value per feature to estimate a variance, but "
+            f"`mask` (shape {tuple(np.shape(mask))}) leaves {where} of `x` (shape {tuple(x_shape)}, "
+            f"`axis`={axis!r}) exactly one: a batch of one, which would be normalized to the bias alone. "
+            f"Mask fewer values, evaluate with `training=False`, or use layer_norm/group_norm."
+        )
 
 
 def check_ghost_batch_size(
@@ -236,6 +263,8 @@ def batch_standardize(
         # With a named axis the other devices supply the rest of the batch.
         check_enough_values(fn, lay.values_per_feature, x.shape, axis)
     view = batch_view(x, lay, mask, ghost_batch_size)
+    if axis_name is None:
+        check_enough_masked(fn, view, mask, x.shape, axis)
     y, m = standardize(
         view.x, view.axes, epsilon=epsilon, mask=view.mask,
         axis_name=axis_name, axis_index_groups=axis_index_groups,
@@ -283,7 +312,9 @@ def fold_batch(
         return jax.tree.map(jax.lax.stop_gradient, fold_exact(stats, m, lay, unbiased=unbiased))
     count = jnp.broadcast_to(m.count, m.var.shape)
     var = unbias(m.var, count) if unbiased else m.var
-    valid = count > 0
+    # One valid value is no variance estimate (the batch of one that training
+    # refuses without a mask): such a group counts as empty here.
+    valid = count > 1
     groups = jnp.sum(valid, axis=0)
     mean_over_groups = lambda a: jnp.sum(jnp.where(valid, a, 0), axis=0) / jnp.maximum(groups, 1)  # noqa: E731
     feature = lambda a: jnp.reshape(a, lay.feature_shape)  # noqa: E731
@@ -350,16 +381,6 @@ def evaluate(
     )
 
 
-def check_out_dtype(fn: str, dtype: Any) -> Any:
-    """``dtype`` (None or a floating dtype); raises for an integer or other output dtype."""
-    if dtype is not None and not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
-        raise ValueError(
-            f"{fn}: `dtype`={jnp.dtype(dtype)} must be a floating dtype (normalized values are not integers); "
-            "pass e.g. `dtype=jnp.float32` or None for x's dtype."
-        )
-    return dtype
-
-
 def check_options(fn: str, training: Any, average: str | None = None) -> bool:
     training = check_static_bool(fn, "training", training)
     if average is not None:
@@ -423,7 +444,9 @@ def batch_norm(
       axis: kept feature axis or axes.
       momentum: weight on the old running value, ``new = momentum * old +
         (1 - momentum) * batch`` (flax's convention). PyTorch's ``momentum=0.1``
-        is ``momentum=0.9`` here.
+        is ``momentum=0.9`` here. A concrete value must lie in [0, 1]; a traced
+        one (a schedule, a vmap sweep) outside it, or NaN, leaves the state
+        untouched, count included.
       epsilon: added to the variance.
       average: ``"ema"`` or ``"cumulative"`` (PyTorch's ``momentum=None``).
       unbiased: update the running variance with ``m/(m-1)`` times the batch's
@@ -431,7 +454,15 @@ def batch_norm(
       mask: bool, broadcasts to ``x`` (e.g. (N, 1) for (N, C)); True marks values
         that count. Masked values (NaN included) reach neither the statistics nor
         their gradients; their outputs are normalized with the same statistics.
-        A ghost batch without valid values is left out of the running statistics.
+        A mask of lower rank than x must fit it one way only (a (3,) mask on a
+        (3, 3) batch is refused: give it x's rank). A feature with exactly one
+        valid value is a batch of one: refused when the mask is concrete; with
+        a traced mask its output is the bias and the batch is not folded into
+        the running statistics. A feature without any valid value gets mean 0
+        and variance 0 (outputs ``x / sqrt(epsilon) * scale + bias``; flax
+        gives NaN) and the batch is not folded in either (every feature and
+        the count kept). A ghost batch with fewer than two valid values is
+        left out of the running statistics.
       axis_name: named axis (``shard_map``, ``pmap``, ``vmap``) to synchronize
         statistics over: the batch statistics (and the running ones, and the
         ``unbiased`` m) are those of the global batch, count-weighted when
@@ -456,8 +487,8 @@ def batch_norm(
 
     Raises:
       ValueError: bad axes, shapes, mask, option values, a traced ``training``,
-        non-floating input, training with one value per feature (per ghost
-        batch; not checked with ``axis_name``), a ``ghost_batch_size`` that does
+        non-floating (or complex) input, training with one value per feature
+        (per ghost batch, or left by a concrete mask; not checked with ``axis_name``), a ``ghost_batch_size`` that does
         not divide the batch or comes with ``axis_name``, or bad
         ``axis_index_groups``.
 
@@ -480,8 +511,8 @@ def batch_norm(
     stats = check_stats(fn, stats)
     if average == "ema":
         check_momentum(fn, momentum)
-    check_out_dtype(fn, dtype)
     x, lay, mask = check_inputs(fn, x, stats, scale, bias, axis, mask)
+    check_out_dtype(fn, dtype)
     out_dtype = x.dtype if dtype is None else dtype
     if not training:
         return evaluate(x, stats, scale, bias, lay, epsilon, out_dtype), stats

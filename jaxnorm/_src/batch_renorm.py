@@ -35,13 +35,12 @@ from jaxnorm._src.batch_norm import (
     check_ghost_batch_size,
     check_inputs,
     check_options,
-    check_out_dtype,
     evaluate,
     fold_batch,
     view_affine,
     view_param,
 )
-from jaxnorm._src.checks import check_after, check_at_least, check_epsilon
+from jaxnorm._src.checks import check_after, check_at_least, check_epsilon, check_limit, check_out_dtype
 from jaxnorm._src.moments import accumulation_dtype
 from jaxnorm._src.standardize import affine, inverse_std
 from jaxnorm._src.state import BatchStats, RecalibrationStats, check_momentum, check_stats
@@ -105,8 +104,8 @@ def batch_renorm(
       scale, bias: optional gamma and beta: the feature shape, or per example: x's
         rank with each size 1 or x's, e.g. (N, 1, 1, C).
       training: static Python bool.
-      r_max: bound on ``r`` (>= 1); a Python number or a traced scalar.
-      d_max: bound on ``|d|`` (>= 0); a Python number or a traced scalar.
+      r_max: bound on ``r`` (>= 1, inf allowed); a real scalar or a traced one.
+      d_max: bound on ``|d|`` (>= 0, inf allowed); a real scalar or a traced one.
       axis: kept feature axis or axes.
       momentum: weight on the old running value, ``new = momentum * old +
         (1 - momentum) * batch`` (flax's convention; PyTorch's ``momentum=0.1``
@@ -114,7 +113,9 @@ def batch_renorm(
         every step and feed ``r`` and ``d``, so they should track the weights
         closely: keep ``momentum`` moderate (e.g. 0.99).
       epsilon: added to the variances.
-      mask: bool, broadcasts to ``x``; True marks values that count.
+      mask: bool, broadcasts to ``x``; True marks values that count; as in
+        :func:`jaxnorm.batch_norm` (lower-rank masks, batches of one, features
+        without valid values).
       axis_name: named axis to synchronize batch statistics over (as in
         :func:`jaxnorm.batch_norm`: one all-reduce forward, one backward; ``r``
         and ``d`` then come from the global batch's statistics).
@@ -144,8 +145,8 @@ def batch_renorm(
     training = check_options(fn, training, average)
     check_epsilon(fn, epsilon)
     check_ghost_batch_size(fn, ghost_batch_size)
-    check_at_least(fn, "r_max", r_max, 1, "r is clipped to [1/r_max, r_max]; r_max=1 disables the scale correction")
-    check_at_least(fn, "d_max", d_max, 0, "d is clipped to [-d_max, d_max]; d_max=0 disables the shift correction")
+    check_limit(fn, "r_max", r_max, 1, "r is clipped to [1/r_max, r_max]; r_max=1 disables the scale correction")
+    check_limit(fn, "d_max", d_max, 0, "d is clipped to [-d_max, d_max]; d_max=0 disables the shift correction")
     stats = check_stats(fn, stats)
     if isinstance(stats, RecalibrationStats):
         # PreciseBN rebuilds the running statistics: they must not feed back
@@ -153,8 +154,8 @@ def batch_renorm(
         r_max, d_max = 1.0, 0.0
     if average == "ema":
         check_momentum(fn, momentum)
-    check_out_dtype(fn, dtype)
     x, lay, mask = check_inputs(fn, x, stats, scale, bias, axis, mask)
+    check_out_dtype(fn, dtype)
     out_dtype = x.dtype if dtype is None else dtype
     if not training:
         return evaluate(x, stats, scale, bias, lay, epsilon, out_dtype), stats
@@ -234,8 +235,8 @@ def renorm_schedule(
     check_at_least(fn, "warmup_steps", warmup_steps, 0, "pass the number of plain batch-norm steps")
     check_after(fn, "r_max_steps", r_max_steps, "warmup_steps", warmup_steps)
     check_after(fn, "d_max_steps", d_max_steps, "warmup_steps", warmup_steps)
-    check_at_least(fn, "r_max", r_max, 1, "r_max=1 keeps r at 1")
-    check_at_least(fn, "d_max", d_max, 0, "d_max=0 keeps d at 0")
+    check_limit(fn, "r_max", r_max, 1, "r_max=1 keeps r at 1")
+    check_limit(fn, "d_max", d_max, 0, "d_max=0 keeps d at 0")
     step = jnp.asarray(step, jnp.float32)
 
     def ramp(end: int) -> Array:

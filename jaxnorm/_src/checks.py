@@ -31,6 +31,15 @@ import numpy as np
 def check_floating(fn: str, x: Any, name: str = "x") -> Any:
     """Returns ``x`` unchanged; raises unless it has a real floating dtype (float16/bfloat16/float32/float64)."""
     dtype = jnp.result_type(x)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        # Casting to a real dtype would drop the imaginary part silently, so
+        # the usual fix ("cast it") is wrong advice here.
+        raise ValueError(
+            f"{fn}: `{name}` has dtype {dtype} (shape {np.shape(x)}): complex inputs are unsupported (flax's "
+            f"layers normalize by |x|^2; jaxnorm refuses them, see 'Where jaxnorm differs from flax' in the "
+            f"Flax guide); normalize the real and imaginary parts as real features, e.g. "
+            f"`jnp.concatenate([{name}.real, {name}.imag], axis=-1)`."
+        )
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(
             f"{fn}: `{name}` must have a real floating dtype, got {dtype} (shape "
@@ -58,7 +67,14 @@ def check_static_bool(fn: str, name: str, value: Any) -> bool:
 
 
 def check_mask(fn: str, mask: Any, shape: tuple[int, ...]) -> jax.Array | None:
-    """Checks that ``mask`` is boolean and broadcasts to ``shape``; returns it as an array."""
+    """Checks that ``mask`` is boolean and fits ``shape`` in exactly one way; returns it as an array.
+
+    A mask of x's rank broadcasts as NumPy says. One of lower rank is read
+    NumPy's way too (aligned to the right), but only when that is the one
+    placement of its axes that fits x: a (3,) mask on a (3, 3) batch could mean
+    one flag per example or one per feature, so it is refused rather than
+    silently read as a feature mask; (N, 1) says "per example" unambiguously.
+    """
     if mask is None:
         return None
     mask = jnp.asarray(mask)
@@ -77,7 +93,25 @@ def check_mask(fn: str, mask: Any, shape: tuple[int, ...]) -> jax.Array | None:
             f"{tuple(shape)}; give it x's rank with 1 on the axes it does not vary "
             f"over, e.g. {_example_mask_shape(shape)} for per-example masking."
         )
+    readings = _mask_readings(mask.shape, tuple(shape))
+    if len(readings) > 1:
+        raise ValueError(
+            f"{fn}: `mask` of shape {mask.shape} has fewer axes than `x` (shape {tuple(shape)}) and fits it "
+            f"in {len(readings)} ways ({' or '.join(map(str, readings))}); give it x's rank to say which, "
+            f"e.g. `mask.reshape({readings[-1]})` (NumPy's reading) or `mask.reshape({readings[0]})`."
+        )
     return mask
+
+
+def _mask_readings(mask_shape: tuple[int, ...], shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """The distinct x-rank shapes a lower-rank mask becomes when its axes sit at each offset that fits."""
+    extra = len(shape) - len(mask_shape)
+    out: list[tuple[int, ...]] = []
+    for offset in range(extra + 1):
+        padded = (1,) * offset + tuple(mask_shape) + (1,) * (extra - offset)
+        if all(m in (1, d) for m, d in zip(padded, shape, strict=True)) and padded not in out:
+            out.append(padded)
+    return out
 
 
 def _example_mask_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -140,6 +174,45 @@ def check_at_least(fn: str, name: str, value: Any, minimum: float, fix: str) -> 
         raise ValueError(f"{fn}: `{name}` must be >= {minimum}, got {value!r}; {fix}.")
     return value
 
+
+def check_limit(fn: str, name: str, value: Any, minimum: float, fix: str) -> Any:
+    """Returns the scalar ``value``; raises unless it is a real number >= ``minimum`` (inf allowed, NaN not).
+
+    Traced values (a schedule inside a compiled step) pass, once their shape is
+    checked: their value is unknown at trace time.
+    """
+    if isinstance(value, jax.core.Tracer):
+        if value.ndim != 0 or not jnp.issubdtype(value.dtype, jnp.number):
+            raise ValueError(f"{fn}: `{name}` must be a real scalar, got a traced {value.aval}; {fix}.")
+        return value
+    try:
+        number = np.asarray(value)
+        ok = number.ndim == 0 and number.dtype.kind in "iuf" and not isinstance(value, (bool, np.bool_))
+        ok = ok and bool(number >= minimum)  # False for NaN
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{fn}: `{name}` must be >= {minimum}, got {value!r} (a real scalar, not a bool; inf is allowed); {fix}."
+        )
+    return value
+
+
+def check_out_dtype(fn: str, dtype: Any) -> Any:
+    """``dtype`` (None or a real floating dtype); raises for an integer, bool, complex or unknown dtype."""
+    if dtype is None:
+        return None
+    try:
+        shown = jnp.dtype(dtype)
+        ok = jnp.issubdtype(shown, jnp.floating)
+    except TypeError:
+        shown, ok = repr(dtype), False
+    if not ok:
+        raise ValueError(
+            f"{fn}: `dtype`={shown} must be a floating dtype (normalized values are real, not integers); "
+            "pass e.g. `dtype=jnp.float32` or None for x's dtype."
+        )
+    return dtype
 
 
 def check_after(fn: str, name: str, value: Any, earlier_name: str, earlier: Any) -> Any:

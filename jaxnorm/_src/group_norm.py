@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxnorm._src.axes import canonical_axes
-from jaxnorm._src.checks import check_epsilon, check_floating, check_mask
+from jaxnorm._src.checks import check_epsilon, check_floating, check_mask, check_out_dtype
 from jaxnorm._src.per_example import place
 from jaxnorm._src.standardize import standardize
 
@@ -34,7 +34,13 @@ def check_groups(fn: str, channels: int, num_groups: Any, group_size: Any, x_sha
             f"or `group_size=16` for the {channels} channels of `x` (shape {shape})."
         )
     name, value = ("num_groups", num_groups) if num_groups is not None else ("group_size", group_size)
-    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1 or channels % value:
+    if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)) or value < 1:
+        raise ValueError(
+            f"{fn}: `{name}` must be a positive int (NumPy integers are fine), got {value!r} of type "
+            f"{type(value).__name__}; pass e.g. `{name}={_some_divisor(channels)}` for the {channels} "
+            f"channels of `x` (shape {shape})."
+        )
+    if channels % value:
         other = "`group_size=`" if name == "num_groups" else "`num_groups=`"
         raise ValueError(
             f"{fn}: `{name}`={value!r} must divide the {channels} channels of `x` (shape "
@@ -43,6 +49,10 @@ def check_groups(fn: str, channels: int, num_groups: Any, group_size: Any, x_sha
     value = int(value)  # NumPy integers are integers
     groups = value if name == "num_groups" else channels // value
     return groups, channels // groups
+
+
+def _some_divisor(channels: int) -> int:
+    return next((d for d in (32, 16, 8, 4, 2) if channels % d == 0), 1)
 
 
 def _group_norm(
@@ -63,6 +73,7 @@ def _group_norm(
 ) -> Array:
     x = jnp.asarray(check_floating(fn, x))
     check_epsilon(fn, epsilon)
+    check_out_dtype(fn, dtype)
     if x.ndim < 2:
         raise ValueError(
             f"{fn}: `x` must have a batch axis and a channel axis, got shape {x.shape}; "
@@ -153,6 +164,10 @@ def group_norm(
         time step on its own, as flax's field does.
       epsilon: added to the variance.
       mask: bool, broadcasts to x; True marks values that count.
+        A mask of lower rank than x must fit it one way only (else give it x's rank).
+        A statistic without any valid value (an all-False mask along the reduced
+        axes, e.g. a padded example) has mean 0 and variance 0: its positions get
+        ``x / sqrt(epsilon)`` times scale plus bias (flax gives NaN); keep them out of the loss.
       axis_name, axis_index_groups: also reduce over devices along this named
         axis, as flax's fields.
       dtype: output dtype; default x's dtype.
@@ -201,6 +216,10 @@ def instance_norm(
         (flax InstanceNorm's ``feature_axes``); every other non-batch axis is reduced.
       epsilon: added to the variance.
       mask: bool, broadcasts to x; True marks values that count.
+        A mask of lower rank than x must fit it one way only (else give it x's rank).
+        A statistic without any valid value (an all-False mask along the reduced
+        axes, e.g. a padded example) has mean 0 and variance 0: its positions get
+        ``x / sqrt(epsilon)`` times scale plus bias (flax gives NaN); keep them out of the loss.
       axis_name, axis_index_groups: also reduce over devices along this named
         axis, as flax's fields.
       dtype: output dtype; default x's dtype.

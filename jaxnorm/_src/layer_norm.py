@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxnorm._src.axes import canonical_axes
-from jaxnorm._src.checks import check_epsilon, check_floating, check_mask
+from jaxnorm._src.checks import check_epsilon, check_floating, check_mask, check_out_dtype
 from jaxnorm._src.per_example import place
 from jaxnorm._src.standardize import standardize
 
@@ -85,6 +85,10 @@ def layer_norm(
       epsilon: added to the variance.
       mask: bool, broadcasts to x; True marks values that count (e.g. valid
         features); masked values reach neither statistics nor gradients.
+        A mask of lower rank than x must fit it one way only (else give it x's rank).
+        A statistic without any valid value (an all-False mask along the reduced
+        axes, e.g. a padded example) has mean 0 and variance 0: its positions get
+        ``x / sqrt(epsilon)`` times scale plus bias (flax gives NaN); keep them out of the loss.
       feature_axes: axes of x that scale and bias span, as flax's field: they then
         have shape ``x.shape[feature_axes]`` and are placed on those axes (e.g.
         ``feature_axes=1`` with (C,) parameters on NCHW). Default None: broadcast
@@ -107,6 +111,7 @@ def layer_norm(
     """
     check_epsilon("layer_norm", epsilon)
     x, axes, mask, p = _prepare("layer_norm", x, axis, mask, {"scale": scale, "bias": bias}, feature_axes)
+    check_out_dtype("layer_norm", dtype)
     y, _ = standardize(
         x, axes, epsilon=epsilon, mask=mask, axis_name=axis_name, axis_index_groups=axis_index_groups,
         scale=p["scale"], bias=p["bias"], dtype=x.dtype if dtype is None else dtype,
@@ -135,7 +140,9 @@ def rms_norm(
       scale: optional, broadcasting against x from the right, e.g. (C,).
       axis: reduced axis or axes.
       epsilon: added to the mean square.
-      mask: bool, broadcasts to x; True marks values that count.
+      mask: bool, broadcasts to x; True marks values that count. As in
+        :func:`layer_norm`: a lower-rank mask must fit x one way only; a row
+        without any valid value has mean square 0, so it gets ``x / sqrt(epsilon) * scale``.
       feature_axes: axes of x that scale spans, as flax's field: it then
         has shape ``x.shape[feature_axes]`` and is placed on those axes (e.g.
         ``feature_axes=1`` with (C,) parameters on NCHW). Default None: broadcast
@@ -158,6 +165,7 @@ def rms_norm(
     """
     check_epsilon("rms_norm", epsilon)
     x, axes, mask, p = _prepare("rms_norm", x, axis, mask, {"scale": scale}, feature_axes)
+    check_out_dtype("rms_norm", dtype)
     y, _ = standardize(
         x, axes, epsilon=epsilon, mask=mask, center=False,
         axis_name=axis_name, axis_index_groups=axis_index_groups,

@@ -193,7 +193,8 @@ def moments(
       axes: axis or axes to reduce (negative values count from the end).
       mask: optional bool array broadcasting to ``x.shape``; True marks values
         that count. Masked values (NaN included) reach neither the statistics
-        nor their gradients.
+        nor their gradients. A mask of lower rank than x must fit it one way
+        only. A statistic without any valid value is mean 0, variance 0.
       axis_name: also reduce over this named axis (``shard_map``, ``pmap``,
         ``vmap(axis_name=...)``): count-weighted and exact (Chan et al.'s
         merge of per-device moments), one all-reduce forward; its gradient

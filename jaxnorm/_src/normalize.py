@@ -12,7 +12,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxnorm._src.checks import check_epsilon, check_floating
+from jaxnorm._src.checks import check_epsilon, check_floating, check_out_dtype
 from jaxnorm._src.moments import accumulation_dtype
 from jaxnorm._src.standardize import inverse_std
 
@@ -58,6 +58,7 @@ def normalize(
     fn = "normalize"
     x = jnp.asarray(check_floating(fn, x))
     check_epsilon(fn, epsilon)
+    check_out_dtype(fn, dtype)
     for name, value in (("mean", mean), ("var", var), ("scale", scale), ("bias", bias)):
         if value is None:
             continue

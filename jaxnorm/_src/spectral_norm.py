@@ -194,6 +194,7 @@ def spectral_norm(
     update_stats = checks.check_static_bool(fn, "update_stats", update_stats)
     n_steps = check_n_steps(fn, n_steps)
     checks.check_epsilon(fn, epsilon)
+    checks.check_out_dtype(fn, dtype)
     kernel = jnp.asarray(kernel)
     if kernel.ndim < 2:
         return kernel if dtype is None else kernel.astype(dtype), state

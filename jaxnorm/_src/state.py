@@ -12,7 +12,8 @@ NamedTuple pytree (works under jit, vmap, scan; ``_replace`` for updates).
   the paper's Algorithm 2; :func:`unbias`).
 - the count saturates at its dtype's maximum instead of wrapping;
 - the non-finite guard: a batch with any non-finite statistic, or a feature
-  without valid values, leaves every feature and the count as they were.
+  without valid values, leaves every feature and the count as they were; so
+  does a traced momentum outside [0, 1] or NaN (a concrete one is refused).
 - updates are cast back to the state's dtypes, so dtypes never drift.
 
 :class:`RecalibrationStats` is the same state marked for a PreciseBN pass
@@ -33,6 +34,7 @@ kept) used by recalibration and the Flax helpers.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -137,18 +139,38 @@ def init_batch_stats(feature_shape: int | tuple[int, ...], *, dtype: Any = jnp.f
       >>> stats.mean.shape, int(stats.count)
       ((4,), 0)
     """
-    shape = check_feature_shape("init_batch_stats", feature_shape)
+    fn = "init_batch_stats"
+    shape = check_feature_shape(fn, feature_shape)
+    try:
+        shown = jnp.dtype(dtype)
+        floating = jnp.issubdtype(shown, jnp.floating)
+    except TypeError:
+        shown, floating = repr(dtype), False
+    if not floating:
+        # batch_norm refuses such a state (updates would truncate): say so where it is made.
+        raise ValueError(
+            f"{fn}: `dtype`={shown} must be a real floating dtype (running statistics are averages); "
+            "pass e.g. `dtype=jnp.float32`."
+        )
     return BatchStats(jnp.zeros(shape, dtype), jnp.ones(shape, dtype), jnp.zeros((), jnp.int32))
 
 
 def check_feature_shape(fn: str, feature_shape: Any) -> tuple[int, ...]:
     """``feature_shape`` as a tuple of non-negative ints (NumPy integers are ints); raises otherwise."""
-    dims = (feature_shape,) if isinstance(feature_shape, (int, np.integer)) else feature_shape
+    def size(d: Any) -> int | None:
+        if isinstance(d, (bool, np.bool_)) or isinstance(d, jax.core.Tracer):
+            return None
+        try:
+            return operator.index(d)  # NumPy integers and 0-d integer arrays are integers
+        except TypeError:
+            return None
+
+    dims = (feature_shape,) if size(feature_shape) is not None else feature_shape
     try:
-        dims = tuple(dims)
+        dims = tuple(size(d) for d in dims)
     except TypeError:
         dims = None
-    if dims is None or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in dims):
+    if dims is None or not all(d is not None and d >= 0 for d in dims):
         raise ValueError(
             f"{fn}: `feature_shape`={feature_shape!r} must be a non-negative int or a tuple of them; "
             "pass the sizes of the kept feature axes, e.g. `(C,)`."
@@ -205,7 +227,14 @@ def check_stats(fn: str, stats: Any) -> BatchStats:
 
 def check_momentum(fn: str, momentum: Any) -> Any:
     """``momentum``; raises when it is concrete and NaN or outside [0, 1] (a traced NaN is guarded in the update)."""
-    if momentum is None or isinstance(momentum, jax.core.Tracer):
+    if momentum is None:
+        return momentum
+    if isinstance(momentum, jax.core.Tracer):
+        if momentum.ndim != 0 or not jnp.issubdtype(momentum.dtype, jnp.number):
+            raise ValueError(
+                f"{fn}: `momentum` must be a real scalar, got a traced {momentum.aval}; pass one weight on "
+                "the old running value, e.g. a schedule's `momentum(step)`."
+            )
         return momentum
     try:
         value = float(momentum)
@@ -306,8 +335,11 @@ def update_stats(
     new_mean = new_mean.astype(stats.mean.dtype)
     new_var = new_var.astype(stats.var.dtype)
     # After the cast: a float16 state that overflows must not store the inf;
-    # a traced NaN momentum fails here too.
+    # a traced NaN momentum fails here too, and a traced one outside [0, 1]
+    # (which would extrapolate; a concrete one is a ValueError) is refused alike.
     ok = jnp.all(jnp.isfinite(batch_mean) & jnp.isfinite(batch_var) & (batch_count > 0))
+    if average == "ema" and isinstance(momentum, jax.core.Tracer):
+        ok = ok & jnp.all((momentum >= 0) & (momentum <= 1))
     ok = ok & jnp.all(jnp.isfinite(new_mean)) & jnp.all(jnp.isfinite(new_var))
     limit = jnp.iinfo(stats.count.dtype).max
     new_count = jnp.where(stats.count < limit, stats.count + 1, stats.count)

@@ -123,6 +123,19 @@ def _stats_field(stats: Any, name: str) -> Any:
     return stats[name] if isinstance(stats, Mapping) else getattr(stats, name)
 
 
+def _stats_node(fn: str, stats: Any) -> Any:
+    """``stats`` as a BatchStats or a mapping with ``mean`` and ``var``; a plain 3-tuple becomes BatchStats."""
+    if isinstance(stats, BatchStats) or (isinstance(stats, Mapping) and {"mean", "var"} <= set(stats)):
+        return stats
+    if type(stats) in (tuple, list) and len(stats) == 3:
+        return BatchStats(*stats)
+    got = sorted(stats) if isinstance(stats, Mapping) else type(stats).__name__
+    raise ValueError(
+        f"{fn}: `stats` must be a BatchStats, a mapping with 'mean' and 'var' (and optionally 'count') or a "
+        f"tuple (mean, var, count); got {got}. Pass e.g. `variables['batch_stats']['BatchNorm_0']`."
+    )
+
+
 def batch_norm_from_torch(
     state_dict: Mapping[str, Any], *, prefix: str = ""
 ) -> tuple[dict[str, Any], BatchStats | None]:
@@ -214,6 +227,7 @@ def batch_norm_to_torch(
     """
     out = _affine_to_torch(params, prefix)
     if stats is not None:
+        stats = _stats_node("batch_norm_to_torch", stats)
         p = _prefix(prefix)
         out[p + "running_mean"] = np.array(_stats_field(stats, "mean"), np.float32)
         out[p + "running_var"] = np.array(_stats_field(stats, "var"), np.float32)

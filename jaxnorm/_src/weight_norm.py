@@ -148,6 +148,7 @@ def weight_norm(
     fn = "weight_norm"
     checks.check_floating(fn, kernel, "kernel")
     checks.check_epsilon(fn, epsilon)
+    checks.check_out_dtype(fn, dtype)
     kernel = jnp.asarray(kernel)
     feat, red = feature_and_reduced_axes(fn, feature_axes, kernel.shape)
     keep = None if scale is None else _scale_shape(fn, scale, kernel.shape, feat, feature_axes)
@@ -201,6 +202,7 @@ def weight_standardize(
     fn = "weight_standardize"
     checks.check_floating(fn, kernel, "kernel")
     checks.check_epsilon(fn, epsilon)
+    checks.check_out_dtype(fn, dtype)
     kernel = jnp.asarray(kernel)
     feat, red = feature_and_reduced_axes(fn, feature_axes, kernel.shape)
     if not red:
