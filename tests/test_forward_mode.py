@@ -166,18 +166,25 @@ def _operands(x_shape, p_shape, seed=0):
 def test_jvp_and_linearize_match_the_plain_formula(name):
     fn, ref, xs, ps = CASES[name]
     primals, tangents = _operands(xs, ps)
-    out, t_out = jax.jvp(fn, primals, tangents)
-    want, t_want = jax.jvp(ref, primals, tangents)
+    # jitted: op-by-op dispatch of the references costs seconds (one eager case below)
+    jvp = lambda f: jax.jit(lambda p, t: jax.jvp(f, p, t))  # noqa: E731
+    (out, t_out), (want, t_want) = jvp(fn)(primals, tangents), jvp(ref)(primals, tangents)
     close(out, want)
     close(t_out, t_want)
-    _, f_lin = jax.linearize(fn, *primals)
-    close(f_lin(*tangents), t_want)
-    # the same under jit, and the vjp (the fused backward) is the transpose of that map
-    close(jax.jit(lambda p, t: jax.jvp(fn, p, t)[1])(primals, tangents), t_want)
+    close(jax.jit(lambda p, t: jax.linearize(fn, *p)[1](*t))(primals, tangents), t_want)
+    # the vjp (the fused backward) is the transpose of that map
     ct = jax.tree.map(lambda v: jnp.cos(v), want)
-    got_vjp = jax.vjp(fn, *primals)[1](ct)
-    want_vjp = jax.vjp(ref, *primals)[1](ct)
-    close(got_vjp, want_vjp, atol=1e-4)
+    vjp = lambda f: jax.jit(lambda p, ct: jax.vjp(f, *p)[1](ct))  # noqa: E731
+    close(vjp(fn)(primals, ct), vjp(ref)(primals, ct), atol=1e-4)
+
+
+def test_eager_jvp_and_linearize():
+    """Without jit: the tangent primitive's own eager evaluation."""
+    fn, ref, xs, ps = CASES["layer_norm_masked"]
+    primals, tangents = _operands(xs, ps)
+    want = jax.jit(lambda p, t: jax.jvp(ref, p, t))(primals, tangents)
+    close(jax.jvp(fn, primals, tangents), want)
+    close(jax.linearize(fn, *primals)[1](*tangents), want[1])
 
 
 @pytest.mark.parametrize("name", ["batch_norm_masked", "layer_norm", "rms_norm_masked", "group_norm", "batch_renorm"])
@@ -188,41 +195,51 @@ def test_jacfwd_equals_jacrev_and_the_reference(name):
     def first(f):
         return lambda x, s, b, e: jax.tree.leaves(f(x, s, b, e))[0]
 
-    fwd = jax.jacfwd(first(fn), argnums=(0, 1, 2, 3))(x, s, b, e)
-    rev = jax.jacrev(first(fn), argnums=(0, 1, 2, 3))(x, s, b, e)
-    want = jax.jacfwd(first(ref), argnums=(0, 1, 2, 3))(x, s, b, e)
+    fwd = jax.jit(jax.jacfwd(first(fn), argnums=(0, 1, 2, 3)))(x, s, b, e)
+    rev = jax.jit(jax.jacrev(first(fn), argnums=(0, 1, 2, 3)))(x, s, b, e)
+    want = jax.jit(jax.jacfwd(first(ref), argnums=(0, 1, 2, 3)))(x, s, b, e)
     close(fwd, rev, atol=1e-4)
     close(fwd, want, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["batch_norm", "layer_norm_masked", "rms_norm", "group_norm"])
+SMALL_MASK = np.ones((3, 6), bool)
+SMALL_MASK[[0, 2], [1, 4]] = False
+HESSIAN_CASES = {  # small inputs: a Hessian has (size of x)**2 entries
+    "batch_norm": (*CASES["batch_norm"][:2], (3, 6)),
+    "layer_norm_masked": (
+        lambda x, s, b, e: jn.layer_norm(x, s, b, epsilon=e, mask=SMALL_MASK),
+        lambda x, s, b, e: ref_standardize(x, (1,), e, SMALL_MASK)[0] * s + b,
+        (3, 6),
+    ),
+    "group_norm": (*CASES["group_norm"][:2], (1, 2, 6)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HESSIAN_CASES))
 def test_hessian_both_ways(name):
-    fn, ref, xs, ps = CASES[name]
-    xs = (4, 6) if xs == (8, 6) else (1, 2, 6)
-    mask_free = name if name != "layer_norm_masked" else "layer_norm"
-    fn, ref, _, _ = CASES[mask_free]
+    fn, ref, xs = HESSIAN_CASES[name]
     (x, s, b, e), _ = _operands(xs, (xs[-1],), seed=2)
     w = jnp.sin(jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape))
 
     def loss(f):
         return lambda x: jnp.sum(jax.tree.leaves(f(x, s, b, e))[0] * w)
 
-    want = jax.hessian(loss(ref))(x)
-    close(jax.hessian(loss(fn))(x), want, rtol=1e-3, atol=2e-4)  # jacfwd of jacrev
-    close(jax.jacrev(jax.jacfwd(loss(fn)))(x), want, rtol=1e-3, atol=2e-4)
-    close(jax.jacfwd(jax.jacfwd(loss(fn)))(x), want, rtol=1e-3, atol=2e-4)
+    want = jax.jit(jax.hessian(loss(ref)))(x)
+    close(jax.jit(jax.hessian(loss(fn)))(x), want, rtol=1e-3, atol=2e-4)  # jacfwd of jacrev
+    close(jax.jit(jax.jacrev(jax.jacfwd(loss(fn))))(x), want, rtol=1e-3, atol=2e-4)
+    close(jax.jit(jax.jacfwd(jax.jacfwd(loss(fn))))(x), want, rtol=1e-3, atol=2e-4)
 
 
 def test_under_vmap_scan_and_remat():
     fn, ref, xs, ps = CASES["layer_norm_masked"]
     primals, tangents = _operands(xs, ps, seed=3)
     stack = lambda t: jax.tree.map(lambda v: jnp.stack([v, 2 * v, -v]), t)  # noqa: E731
-    batched = jax.vmap(lambda p, t: jax.jvp(fn, p, t)[1])(stack(primals), stack(tangents))
-    want = jax.vmap(lambda p, t: jax.jvp(ref, p, t)[1])(stack(primals), stack(tangents))
+    batched = jax.jit(jax.vmap(lambda p, t: jax.jvp(fn, p, t)[1]))(stack(primals), stack(tangents))
+    want = jax.jit(jax.vmap(lambda p, t: jax.jvp(ref, p, t)[1]))(stack(primals), stack(tangents))
     close(batched, want)
     # vmap of grad keeps working through the batched tangent primitive
-    g = jax.vmap(jax.grad(lambda x, s: jnp.sum(jnp.sin(fn(x, s, primals[2], primals[3])))))
-    g_want = jax.vmap(jax.grad(lambda x, s: jnp.sum(jnp.sin(ref(x, s, primals[2], primals[3])))))
+    g = jax.jit(jax.vmap(jax.grad(lambda x, s: jnp.sum(jnp.sin(fn(x, s, primals[2], primals[3]))))))
+    g_want = jax.jit(jax.vmap(jax.grad(lambda x, s: jnp.sum(jnp.sin(ref(x, s, primals[2], primals[3]))))))
     close(g(stack(primals)[0], stack(primals)[1]), g_want(stack(primals)[0], stack(primals)[1]), atol=1e-4)
 
     def steps(f):
@@ -232,12 +249,12 @@ def test_under_vmap_scan_and_remat():
 
         return lambda x: jax.lax.scan(body, x, None, length=3)
 
-    close(jax.jvp(steps(fn), (primals[0],), (tangents[0],)), jax.jvp(steps(ref), (primals[0],), (tangents[0],)))
+    jvp = lambda f: jax.jit(lambda x, t: jax.jvp(f, (x,), (t,)))  # noqa: E731
+    close(jvp(steps(fn))(primals[0], tangents[0]), jvp(steps(ref))(primals[0], tangents[0]))
     remat = jax.checkpoint(lambda x: fn(x, *primals[1:]))
-    close(jax.jvp(remat, (primals[0],), (tangents[0],)), jax.jvp(lambda x: ref(x, *primals[1:]), (primals[0],),
-                                                                   (tangents[0],)))
-    close(jax.grad(lambda x: jnp.sum(jnp.sin(remat(x))))(primals[0]),
-          jax.grad(lambda x: jnp.sum(jnp.sin(ref(x, *primals[1:]))))(primals[0]), atol=1e-4)
+    close(jvp(remat)(primals[0], tangents[0]), jvp(lambda x: ref(x, *primals[1:]))(primals[0], tangents[0]))
+    close(jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(remat(x)))))(primals[0]),
+          jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(ref(x, *primals[1:])))))(primals[0]), atol=1e-4)
 
 
 # --- across 8 host devices ---------------------------------------------------------
@@ -313,12 +330,13 @@ def test_traced_epsilon_trains_sweeps_and_has_a_gradient():
     step = jax.jit(lambda x, eps: fn(x, s, b, eps))
     close(step(x, 0.3), ref(x, s, b, 0.3))
     eps = jnp.array([1e-3, 0.1, 1.0])
-    close(jax.vmap(lambda e: fn(x, s, b, e))(eps), jax.vmap(lambda e: ref(x, s, b, e))(eps))
+    sweep = lambda f: jax.jit(jax.vmap(lambda e: f(x, s, b, e)))  # noqa: E731
+    close(sweep(fn)(eps), sweep(ref)(eps))
     loss = lambda f: lambda e: jnp.sum(jnp.sin(f(x, s, b, e)[0]))  # noqa: E731
-    want = jax.grad(loss(ref))(0.3)
+    want = jax.jit(jax.grad(loss(ref)))(0.3)
     assert abs(float(want)) > 1e-3
-    close(jax.grad(loss(fn))(0.3), want, atol=1e-5)
-    close(jax.jacfwd(loss(fn))(0.3), want, atol=1e-5)
+    close(jax.jit(jax.grad(loss(fn)))(0.3), want, atol=1e-5)
+    close(jax.jit(jax.jacfwd(loss(fn)))(0.3), want, atol=1e-5)
     # concrete values are still validated
     with pytest.raises(ValueError, match="batch_norm: `epsilon`"):
         fn(x, s, b, -1.0)
@@ -368,8 +386,9 @@ def test_linen_layers_jvp_like_flax(name):
 
         return f
 
-    got = jax.jvp(apply(ours, v_ours), (x, params), (tx, t_params))
-    want = jax.jvp(apply(theirs, v_theirs), (x, params), (tx, t_params))
+    jvp = lambda f: jax.jit(lambda p, t: jax.jvp(f, p, t))  # noqa: E731
+    got = jvp(apply(ours, v_ours))((x, params), (tx, t_params))
+    want = jvp(apply(theirs, v_theirs))((x, params), (tx, t_params))
     close(got, want, atol=5e-5)
 
 
@@ -413,6 +432,7 @@ def test_nnx_layers_jvp_and_jacfwd(make, ref_axes, groups):
         ref = lambda x: ref_group(x, groups, eps)  # noqa: E731
     else:
         ref = lambda x: ref_standardize(x, ref_axes, eps, center=center)[0]  # noqa: E731
-    close(jax.jvp(f, (x,), (tx,)), jax.jvp(ref, (x,), (tx,)), atol=5e-5)
+    jvp = lambda f: jax.jit(lambda x, t: jax.jvp(f, (x,), (t,)))  # noqa: E731
+    close(jvp(f)(x, tx), jvp(ref)(x, tx), atol=5e-5)
     small = x[:2, :2]
-    close(jax.jacfwd(f)(small), jax.jacrev(f)(small), atol=1e-4)
+    close(jax.jit(jax.jacfwd(f))(small), jax.jit(jax.jacrev(f))(small), atol=1e-4)
