@@ -204,7 +204,7 @@ def test_check_grads_first_and_second_order(shape, axis, x64):
     def f(x, scale):
         return jnp.tanh(jn.batch_norm(x, stats, scale, training=True, axis=axis)[0])
 
-    check_grads(f, (x, scale), order=2, modes=["rev"], atol=1e-5, rtol=1e-5)
+    check_grads(jax.jit(f), (x, scale), order=2, modes=["fwd", "rev"], atol=1e-5, rtol=1e-5)
 
 
 def test_vmap_over_an_ensemble_of_states():

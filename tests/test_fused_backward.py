@@ -121,7 +121,7 @@ def test_gradients_for_x_scale_and_bias_match_float64_autodiff(name, x64):
     for got, want in zip(grads(ours), grads(plain)):
         np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-10)
     if name in SECOND_ORDER:
-        check_grads(jax.jit(ours), (x, scale, bias), order=2, modes=["rev"], atol=1e-5, rtol=1e-5)
+        check_grads(jax.jit(ours), (x, scale, bias), order=2, modes=["fwd", "rev"], atol=1e-5, rtol=1e-5)
 
 
 # One case per backward path (partial sums shared over all reduced axes, over
@@ -166,7 +166,7 @@ def test_masked_gradients_with_parameters(name, x64):
         for got, want in zip(grads(ours), grads(plain)):
             np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-10)
     if name == "batch_norm_nhwc":
-        check_grads(jax.jit(ours), (x, scale, bias), order=2, modes=["rev"], atol=1e-5, rtol=1e-5)
+        check_grads(jax.jit(ours), (x, scale, bias), order=2, modes=["fwd", "rev"], atol=1e-5, rtol=1e-5)
     # NaN at masked positions stays out when the loss ignores them.
     x_bad = jnp.where(jnp.broadcast_to(mask, shape), x, jnp.nan)
     g = jax.jit(jax.grad(lambda x, s, b: jnp.sum(jnp.where(mask, ours(x, s, b), 0) * w), argnums=(0, 1, 2)))(

@@ -75,11 +75,11 @@ def test_gradients_match_float64_autodiff(x64):
 
     w = jnp.asarray(np.random.default_rng(3).standard_normal(x.shape))
     np.testing.assert_allclose(
-        jax.grad(lambda x: jnp.sum(jnp.sin(jn.group_norm(x, num_groups=2)) * w))(x),
-        jax.grad(lambda x: jnp.sum(jnp.sin(plain(x)) * w))(x),
+        jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(jn.group_norm(x, num_groups=2)) * w)))(x),
+        jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(plain(x)) * w)))(x),
         rtol=1e-9, atol=1e-11,
     )
-    jax.test_util.check_grads(lambda x: jn.instance_norm(x), (x,), order=2, modes=["rev"])
+    jax.test_util.check_grads(jax.jit(jn.instance_norm), (x,), order=2, modes=["fwd", "rev"])
 
 
 def test_half_precision_and_large_offset():
