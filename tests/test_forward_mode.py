@@ -337,9 +337,13 @@ def test_traced_epsilon_trains_sweeps_and_has_a_gradient():
     assert abs(float(want)) > 1e-3
     close(jax.jit(jax.grad(loss(fn)))(0.3), want, atol=1e-5)
     close(jax.jit(jax.jacfwd(loss(fn)))(0.3), want, atol=1e-5)
-    # concrete values are still validated
+    # concrete values are still validated, traced ones by their type
     with pytest.raises(ValueError, match="batch_norm: `epsilon`"):
         fn(x, s, b, -1.0)
+    with pytest.raises(ValueError, match=r"layer_norm: `epsilon` must be a real scalar, got a traced float32\[3\]"):
+        jax.jit(lambda e: jn.layer_norm(x, epsilon=e))(eps)
+    with pytest.raises(ValueError, match="batch_norm: `epsilon` must be a real scalar"):
+        jax.jit(lambda e: fn(x, s, b, e))(jnp.array(True))
 
 
 def test_epsilon_gradient_across_devices_is_summed_for_replicated_epsilon():

@@ -146,11 +146,19 @@ def check_choice(fn: str, name: str, value: Any, choices: Sequence[str]) -> str:
 
 
 def check_epsilon(fn: str, epsilon: Any) -> Any:
-    """Returns ``epsilon``; raises unless it is a finite number >= 0 (traced values pass unchecked).
+    """Returns ``epsilon``; raises unless it is a finite number >= 0 (a traced one must be a real scalar).
 
     A negative epsilon turns a constant feature's ``sqrt(var + eps)`` into NaN.
+    A traced epsilon (a schedule, a ``vmap`` sweep, a gradient with respect
+    to it) has no value at trace time, so only its type is checked.
     """
     if isinstance(epsilon, jax.core.Tracer):
+        real = jnp.issubdtype(epsilon.dtype, jnp.floating) or jnp.issubdtype(epsilon.dtype, jnp.integer)
+        if epsilon.ndim != 0 or not real:
+            raise ValueError(
+                f"{fn}: `epsilon` must be a real scalar, got a traced {epsilon.aval}; "
+                "pass one value (vmap over a sweep of them)."
+            )
         return epsilon
     try:
         value = np.asarray(epsilon, dtype=np.float64)
@@ -163,7 +171,6 @@ def check_epsilon(fn: str, epsilon: Any) -> Any:
             f"{fn}: `epsilon` must be a finite number >= 0, got {epsilon!r}; pass e.g. `epsilon=1e-5`."
         )
     return epsilon
-
 
 
 def check_at_least(fn: str, name: str, value: Any, minimum: float, fix: str) -> Any:
