@@ -67,7 +67,7 @@ __all__ = [
     "standardize_features",
     "unstandardize_features",
     "update_feature_stats",
-    # conditional and batch-free activation norms (issue 17)
+    # conditional and batch-free activation norms
     "adaptive_instance_norm",
     "filter_response_norm",
     "local_response_norm",

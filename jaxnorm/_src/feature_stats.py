@@ -49,11 +49,11 @@ two-sum). Without it the stored mean is off by up to half its ulp
 mean, and M2 drifts towards the second moment about it; once the counts are
 large the rounded mean stops moving and the error stays. For float32 data of
 mean 1e4 and std 1e-2 in 1000 batches of 64 (three features), the variance
-then ends up more than 5e-3 too large in some feature (the issue's target
-is 1e-3); with the residual every feature is right to 5e-6
+then ends up more than 5e-3 too large in some feature (the target is
+1e-3 relative); with the residual every feature is right to 5e-6
 (``tests/test_feature_stats.py`` streams that data both ways and checks
-both bounds). The state therefore has four fields where the issue's
-contract names three (``count``, ``mean``, ``m2``); unpacking gives four
+both bounds). The state therefore has four fields where the textbook
+streaming state has three (``count``, ``mean``, ``m2``); unpacking gives four
 values.
 :func:`standardize_features` subtracts both
 parts, so ``x - mean`` stays exact near the mean.
@@ -103,9 +103,9 @@ class FeatureStats(NamedTuple):
 
     Four fields, so unpacking gives four values,
     ``count, mean, m2, mean_residual = stats`` (and a checkpoint holds four
-    arrays). The issue that asked for this state named three (``count``,
-    ``mean``, ``m2``, with ``var`` derived); the fourth is what keeps the
-    variance right at large offsets: without it a float32 ``mean`` is off by
+    arrays). The usual streaming state (Chan, Golub & LeVeque; Welford) has
+    three, ``count``, ``mean`` and ``m2`` with ``var`` derived; the fourth is
+    what keeps the variance right at large offsets: without it a float32 ``mean`` is off by
     up to half its ulp, every later batch is merged against that wrong mean,
     and for float32 data of mean 1e4 and std 1e-2 the variance ends up
     more than 5e-3 too large after 1000 batches of 64, against a 1e-3
