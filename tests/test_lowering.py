@@ -16,6 +16,8 @@ def _lowered_text(f, x, platform):
     [
         lambda x: jax.grad(lambda x: (jn.layer_norm(x) ** 2).sum())(x),  # the row backward
         lambda x: jax.grad(lambda x: (jn.batch_norm(x, jn.init_batch_stats(8), training=True)[0] ** 2).sum())(x),
+        # forward mode: the tangent primitive lowers for every platform, and the primal keeps its CPU handles
+        lambda x: jax.jvp(lambda x: jn.layer_norm(x) ** 2, (x,), (jnp.cos(x),))[1],
     ],
 )
 def test_barriers_only_when_lowering_for_cpu(f):
