@@ -36,20 +36,13 @@ for folding in ``_linen.folding``; the fields' core keyword arguments and the
 one Flax-side switch in :mod:`jaxnorm._flax_common` (shared with
 :mod:`jaxnorm.nnx`). This module only re-exports, in one sorted block.
 
-Recalibration hook (PreciseBN): :func:`override_average` switches every
-jaxnorm BatchNorm traced inside it to another averaging policy without touching
-the model, and :func:`fresh_batch_stats` resets the statistics. With
-``average="cumulative"`` and ``count == 0`` the first batch replaces the
-statistics and later ones are averaged with equal weight::
-
-    with jaxnorm.linen.override_average("cumulative"):
-        variables = {**variables, **fresh_batch_stats(variables)}
-        for x in batches:
-            _, upd = model.apply(variables, x, train=True, mutable=["batch_stats"])
-            variables = {**variables, **upd}
+Recalibration (PreciseBN): :func:`recalibrate`. Nothing in these layers is
+ambient: a layer's result depends on its fields, call arguments and
+variables only. :func:`fresh_batch_stats` resets the statistics; with
+``average="cumulative"`` (a field) and ``count == 0`` the first batch
+replaces them and later ones are averaged with equal weight.
 """
 
-from jaxnorm._flax_common import override_average as override_average
 from jaxnorm._linen.batch_norm import BatchNorm as BatchNorm
 from jaxnorm._linen.batch_norm import BatchRenorm as BatchRenorm
 from jaxnorm._linen.checkpoint import fresh_batch_stats as fresh_batch_stats
@@ -103,6 +96,5 @@ __all__ = [
     "fold_batch_norms",
     "fresh_batch_stats",
     "from_flax_variables",
-    "override_average",
     "recalibrate",
 ]

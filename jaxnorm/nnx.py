@@ -14,9 +14,8 @@ attribute; a ``use_running_average`` given at call time takes precedence.
 Recalibration hook (PreciseBN): ``average`` is a plain attribute, so
 ``nnx.view(model, average="cumulative")`` (or ``model.set_attributes``)
 switches every jaxnorm BatchNorm to cumulative averaging without rebuilding the
-model, :func:`reset_batch_stats` gives fresh statistics, and
-:func:`jaxnorm.linen.override_average` works here too (it lives in
-:mod:`jaxnorm._flax_common`, so this module imports no ``jaxnorm.linen``).
+model and :func:`reset_batch_stats` gives fresh statistics; :func:`recalibrate`
+does the whole pass.
 
 Where things live: the layers in :mod:`jaxnorm._nnx` (``batch_norm``,
 ``layer_norm``, ``group_norm``, ``conditional``, ``response_norms``,

@@ -195,7 +195,7 @@ def test_training_without_mutable_is_flax_error_and_init_never_updates():
         bn.apply(v1, x[:1], mutable=["batch_stats"])
 
 
-def test_average_options_and_override_hook():
+def test_average_options_and_cumulative_restart():
     xs = [make_input((6, 2), s) for s in range(3)]
     bn = jnl.BatchNorm(use_running_average=False, unbiased=True, momentum=0.5)
     v = bn.init(KEY, xs[0])
@@ -209,21 +209,20 @@ def test_average_options_and_override_hook():
     assert max_abs(v["batch_stats"]["mean"], mean) < 1e-5
     assert max_abs(v["batch_stats"]["var"], var) < 1e-5
 
-    # PreciseBN hook: fresh statistics + cumulative averaging, model unchanged.
+    # The lower-level PreciseBN hook: fresh statistics + the cumulative field, same variables.
     fresh = jnl.fresh_batch_stats(v)
     chex.assert_trees_all_equal(fresh["batch_stats"]["count"], jnp.array(0, jnp.int32))
     v = {**v, **fresh}
-    with jnl.override_average("cumulative"):
-        step = jax.jit(lambda v, x: bn.apply(v, x, mutable=["batch_stats"])[1])
-        for x in xs:
-            v = {**v, **step(v, x)}
+    cumulative = bn.clone(average="cumulative")
+    step = jax.jit(lambda v, x: cumulative.apply(v, x, mutable=["batch_stats"])[1])
+    for x in xs:
+        v = {**v, **step(v, x)}
     x_all = np.stack(xs).astype(np.float64)
     assert max_abs(v["batch_stats"]["mean"], x_all.mean(1).mean(0)) < 1e-5
     assert max_abs(v["batch_stats"]["var"], x_all.var(1, ddof=1).mean(0)) < 1e-5
     assert int(v["batch_stats"]["count"]) == 3
     with pytest.raises(ValueError, match="`average`='mean' is not one of"):
-        with jnl.override_average("mean"):
-            pass
+        bn.clone(average="mean").apply(v, xs[0], mutable=["batch_stats"])
 
 
 def test_non_finite_batch_keeps_statistics():

@@ -449,3 +449,26 @@ def test_linen_recurrent_batch_norm_cell_is_recalibrated_per_step(population):
         np.testing.assert_allclose(stats["mean"][t], mean, rtol=2e-5, atol=2e-5)
         np.testing.assert_allclose(stats["var"][t], var, rtol=2e-5)
     np.testing.assert_array_equal(stats["count"], [3, 3, 3, 3])
+
+
+def test_the_pass_mark_travels_in_the_count_layout():
+    """Flax variables are plain arrays: a count of shape mean.shape + (1,) or (3,) types them, a scalar does not."""
+    from jaxnorm._src.state import (
+        BatchStats,
+        ExactRecalibrationStats,
+        RecalibrationStats,
+        stats_as_arrays,
+        stats_from_arrays,
+    )
+
+    mean, var = jnp.zeros((2, 3)), jnp.ones((2, 3))
+    plain = stats_from_arrays(mean, var, jnp.array(4, jnp.int32))
+    assert type(plain) is BatchStats and int(plain.count) == 4
+    average = stats_from_arrays(mean, var, jnp.full((2, 3, 1), 5, jnp.int32))
+    assert type(average) is RecalibrationStats and average.count.shape == () and int(average.count) == 5
+    exact = stats_from_arrays(mean, var, jnp.zeros((2, 3, 3), jnp.int32))
+    assert type(exact) is ExactRecalibrationStats and exact.count.shape == (2, 3, 3)
+    # written back in the same layout, so the next step of the pass sees the mark again
+    assert stats_as_arrays(average)[2].shape == (2, 3, 1)
+    assert stats_as_arrays(exact)[2].shape == (2, 3, 3)
+    assert stats_as_arrays(plain)[2].shape == ()

@@ -4,8 +4,9 @@ The core functions are :func:`jaxnorm.batch_norm` and :func:`jaxnorm.batch_renor
 
 The keyword arguments handed to the core come from
 :func:`jaxnorm._flax_common.batch_norm_options` (shared with the NNX
-layers); the Flax-side switch (``override_average``, PreciseBN) is read there
-and in :func:`jaxnorm._flax_common.layer_stats`.
+layers); the variables are read and written with
+:func:`jaxnorm._src.state.stats_from_arrays` / ``stats_as_arrays``, whose
+count layout carries the PreciseBN mark.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ import jax
 import jax.numpy as jnp
 from flax.linen import initializers
 
-from jaxnorm._flax_common import batch_norm_options, layer_stats, merge_call_option
+from jaxnorm._flax_common import batch_norm_options, merge_call_option
 from jaxnorm._linen.common import Dtype, Initializer, output_dtype, params
 from jaxnorm._src.axes import layout
 from jaxnorm._src.batch_norm import batch_norm
 from jaxnorm._src.batch_renorm import batch_renorm
 from jaxnorm._src.checks import check_static_bool
-from jaxnorm._src.state import init_batch_stats
+from jaxnorm._src.state import init_batch_stats, stats_as_arrays, stats_from_arrays
 
 Array = jax.Array
 
@@ -149,7 +150,7 @@ class BatchNorm(nn.Module):
             training = False
         y, new = core(
             x,
-            layer_stats(mean.value, var.value, count.value),
+            stats_from_arrays(mean.value, var.value, count.value),
             scale,
             bias,
             training=training,
@@ -158,7 +159,7 @@ class BatchNorm(nn.Module):
             **{**batch_norm_options(self, initializing=initializing), **options},
         )
         if training and not initializing:
-            mean.value, var.value, count.value = new.mean, new.var, new.count
+            mean.value, var.value, count.value = stats_as_arrays(new)
         return y
 
 

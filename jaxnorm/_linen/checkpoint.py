@@ -66,8 +66,8 @@ def from_flax_variables(variables: Mapping[str, Any], *, count: int = 0) -> dict
 def fresh_batch_stats(variables: Mapping[str, Any]) -> dict[str, Any]:
     """``{"batch_stats": ...}`` with every BatchNorm's statistics reset: mean 0, var 1, count 0.
 
-    Shapes and dtypes are kept. With ``average="cumulative"``
-    (:func:`override_average`), the next batch then replaces the statistics
+    Shapes and dtypes are kept. With ``average="cumulative"`` (a layer
+    field), the next batch then replaces the statistics
     and later batches are averaged with it: the start of a PreciseBN
     recalibration.
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen import initializers
 
-from jaxnorm._flax_common import batch_norm_options, layer_stats, merge_call_option
+from jaxnorm._flax_common import batch_norm_options, merge_call_option
 from jaxnorm._linen.common import output_dtype
 from jaxnorm._src.axes import canonical_axes, layout
 from jaxnorm._src.batch_norm import batch_norm
@@ -40,7 +40,7 @@ from jaxnorm._src.checks import check_floating, check_static_bool
 from jaxnorm._src.group_norm import group_norm, instance_norm
 from jaxnorm._src.layer_norm import layer_norm
 from jaxnorm._src.per_example import Projection, conditional_affine
-from jaxnorm._src.state import init_batch_stats
+from jaxnorm._src.state import init_batch_stats, stats_as_arrays, stats_from_arrays
 
 Array = jax.Array
 Dtype = Any
@@ -154,12 +154,12 @@ class ConditionalBatchNorm(nn.Module):
         if initializing and lay.values_per_feature < 2:
             training = False  # as jaxnorm.linen.BatchNorm: init may see one example
         y, new = batch_norm(
-            x, layer_stats(mean.value, var.value, count.value), scale, bias,
+            x, stats_from_arrays(mean.value, var.value, count.value), scale, bias,
             training=training, mask=mask, dtype=output_dtype(self.dtype, x, scale, bias),
             **batch_norm_options(self, initializing=initializing),
         )
         if training and not initializing:
-            mean.value, var.value, count.value = new.mean, new.var, new.count
+            mean.value, var.value, count.value = stats_as_arrays(new)
         return y
 
 

@@ -1,9 +1,9 @@
-"""linen PreciseBN: :func:`recalibrate` runs the model under the Flax-side switch.
+"""linen PreciseBN: :func:`recalibrate` runs the model on statistics marked for the pass.
 
 The pass itself (restart, one compiled step, keep what folded) is
-:func:`jaxnorm._src.recalibration.run_pass`; the switch
-(:func:`jaxnorm._flax_common.recalibrating`) makes every jaxnorm layer
-traced inside hand the core a ``RecalibrationStats`` state.
+:func:`jaxnorm._src.recalibration.run_pass`; its restart gives every count
+the pass's layout (``state.PASS_LAYOUT``), from which each jaxnorm layer
+hands the core a ``RecalibrationStats`` state.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from typing import Any
 import flax.linen as nn
 from flax.core import unfreeze
 
-from jaxnorm._flax_common import recalibrating
 from jaxnorm._src.checks import check_collection
 from jaxnorm._src.recalibration import run_pass
 
@@ -77,8 +76,8 @@ def recalibrate(
     constants = {k: v for k, v in variables.items() if k != "batch_stats"}
 
     def update(constants: Any, stats: Any, batch: Any) -> Any:
-        with recalibrating(population):  # read while the step is traced
-            _, new = model.apply({**constants, "batch_stats": stats}, batch, mutable=["batch_stats"], **apply_kwargs)
+        # the pass's mark is in the statistics' count layout (restart), so the layers need no switch
+        _, new = model.apply({**constants, "batch_stats": stats}, batch, mutable=["batch_stats"], **apply_kwargs)
         return new["batch_stats"]
 
     stats = run_pass(

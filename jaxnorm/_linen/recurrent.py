@@ -35,10 +35,10 @@ from flax.linen import initializers
 from flax.linen.linear import default_kernel_init
 
 import jaxnorm as jn
-from jaxnorm._flax_common import layer_stats
 from jaxnorm._src import checks
 from jaxnorm._src import recurrent as core
 from jaxnorm._src.recurrent import StepCarry
+from jaxnorm._src.state import stats_as_arrays, stats_from_arrays
 
 Array = jax.Array
 Dtype = Any
@@ -88,11 +88,11 @@ class _BatchNorm(nn.Module):
         # init only shapes the variables (and may see a single example): evaluate then
         training = not self.use_running_average and not self.is_initializing()
         y, new = jn.batch_norm(
-            x, layer_stats(mean.value, var.value, count.value), scale, bias, training=training,
+            x, stats_from_arrays(mean.value, var.value, count.value), scale, bias, training=training,
             momentum=self.momentum, epsilon=self.epsilon, mask=mask if training else None, dtype=self.dtype,
         )
         if training:
-            mean.value, var.value, count.value = new.mean, new.var, new.count
+            mean.value, var.value, count.value = stats_as_arrays(new)
         return y
 
 

@@ -17,12 +17,12 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 
-from jaxnorm._flax_common import batch_norm_options, layer_stats, merge_call_option
+from jaxnorm._flax_common import batch_norm_options, merge_call_option
 from jaxnorm._nnx.common import EMPTY, Dtype, Initializer, param, value
 from jaxnorm._src.batch_norm import batch_norm
 from jaxnorm._src.batch_renorm import batch_renorm
 from jaxnorm._src.checks import check_choice, check_static_bool
-from jaxnorm._src.state import AVERAGES, BatchStats, init_batch_stats
+from jaxnorm._src.state import AVERAGES, BatchStats, init_batch_stats, stats_as_arrays, stats_from_arrays
 
 Array = jax.Array
 
@@ -154,7 +154,7 @@ class BatchNorm(nnx.Module):
             )
         training = not check_static_bool(fn, "use_running_average", use_running_average)
         x, scale, bias = self.promote_dtype((x, value(self.scale), value(self.bias)), dtype=self.dtype)
-        stats = layer_stats(self.mean[...], self.var[...], self.count[...])
+        stats = stats_from_arrays(self.mean[...], self.var[...], self.count[...])
         y, new = core(
             x,
             stats,
@@ -166,7 +166,7 @@ class BatchNorm(nnx.Module):
             **{**batch_norm_options(self), **options},
         )
         if training:
-            self.mean[...], self.var[...], self.count[...] = new.mean, new.var, new.count
+            self.mean[...], self.var[...], self.count[...] = stats_as_arrays(new)
         return y
 
     def set_view(self, use_running_average: bool | None = None, average: str | None = None) -> None:

@@ -18,14 +18,14 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes, initializers
 
-from jaxnorm._flax_common import batch_norm_options, layer_stats, merge_call_option
+from jaxnorm._flax_common import batch_norm_options, merge_call_option
 from jaxnorm._src.axes import canonical_axes
 from jaxnorm._src.batch_norm import batch_norm
 from jaxnorm._src.checks import check_floating, check_static_bool
 from jaxnorm._src.group_norm import check_groups, group_norm, instance_norm
 from jaxnorm._src.layer_norm import layer_norm
 from jaxnorm._src.per_example import Projection, conditional_affine
-from jaxnorm._src.state import init_batch_stats
+from jaxnorm._src.state import init_batch_stats, stats_as_arrays, stats_from_arrays
 
 Array = jax.Array
 Dtype = Any
@@ -169,12 +169,12 @@ class ConditionalBatchNorm(_Conditional):
         axes = canonical_axes(fn, "axis", self.axis, jnp.shape(x))
         scale, bias = self._projected(fn, x, condition, axes)
         y, new = batch_norm(
-            x, layer_stats(self.mean[...], self.var[...], self.count[...]), scale, bias,
+            x, stats_from_arrays(self.mean[...], self.var[...], self.count[...]), scale, bias,
             training=training, mask=mask, dtype=self._out_dtype(x, scale, bias),
             **batch_norm_options(self),
         )
         if training:
-            self.mean[...], self.var[...], self.count[...] = new.mean, new.var, new.count
+            self.mean[...], self.var[...], self.count[...] = stats_as_arrays(new)
         return y
 
     def set_view(self, use_running_average: bool | None = None) -> None:

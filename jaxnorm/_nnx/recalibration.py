@@ -1,7 +1,7 @@
-"""NNX PreciseBN and reset: :func:`recalibrate` runs a functional copy of the model under the Flax-side switch.
+"""NNX PreciseBN and reset: :func:`recalibrate` runs a functional copy of the model on marked statistics.
 
-The pass is :func:`jaxnorm._src.recalibration.run_pass`; the switch is
-:func:`jaxnorm._flax_common.recalibrating`; the reset is
+The pass is :func:`jaxnorm._src.recalibration.run_pass` (its restart marks
+every count with the pass's layout, ``state.PASS_LAYOUT``); the reset is
 :func:`jaxnorm._src.state.fresh_like` (the one reset of the library).
 """
 
@@ -11,7 +11,6 @@ from typing import Any
 
 from flax import nnx
 
-from jaxnorm._flax_common import recalibrating
 from jaxnorm._nnx.batch_norm import BatchNorm, layer_state, set_layer_state
 from jaxnorm._src.recalibration import run_pass
 from jaxnorm._src.state import BatchStats, fresh_like
@@ -95,10 +94,9 @@ def recalibrate(model: nnx.Module, batches: Any, *, population: str = "average")
         layers = batch_norm_layers(copy)
         for layer, layer_stats in zip(layers, stats):
             layer.use_running_average = False
-            layer.count.set_value(layer_stats.count)  # the exact mode's count has a layout of its own
+            layer.count.set_value(layer_stats.count)  # the pass's count has a layout of its own
             set_layer_state(layer, layer_stats)
-        with recalibrating(population):  # read while the step is traced
-            copy(batch)
+        copy(batch)  # the pass's mark is in the count layout (restart): no switch
         return [layer_state(layer) for layer in layers]
 
     layers = batch_norm_layers(model)

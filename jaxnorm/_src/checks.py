@@ -205,21 +205,26 @@ def check_limit(fn: str, name: str, value: Any, minimum: float, fix: str) -> Any
     return value
 
 
-def check_out_dtype(fn: str, dtype: Any) -> Any:
-    """``dtype`` (None or a real floating dtype); raises for an integer, bool, complex or unknown dtype."""
-    if dtype is None:
-        return None
+def check_floating_dtype(fn: str, dtype: Any, *, requirement: str, fix: str) -> Any:
+    """Returns ``dtype``; raises unless it names a real floating dtype (integer, bool, complex, unknown: refused)."""
     try:
         shown = jnp.dtype(dtype)
         ok = jnp.issubdtype(shown, jnp.floating)
     except TypeError:
         shown, ok = repr(dtype), False
     if not ok:
-        raise ValueError(
-            f"{fn}: `dtype`={shown} must be a floating dtype (normalized values are real, not integers); "
-            "pass e.g. `dtype=jnp.float32` or None for x's dtype."
-        )
+        raise ValueError(f"{fn}: `dtype`={shown} must be {requirement}; {fix}.")
     return dtype
+
+
+def check_out_dtype(fn: str, dtype: Any) -> Any:
+    """``dtype`` of a norm's output: None (x's dtype) or a real floating dtype."""
+    if dtype is None:
+        return None
+    return check_floating_dtype(
+        fn, dtype, requirement="a floating dtype (normalized values are real, not integers)",
+        fix="pass e.g. `dtype=jnp.float32` or None for x's dtype",
+    )
 
 
 def check_after(fn: str, name: str, value: Any, earlier_name: str, earlier: Any) -> Any:

@@ -40,10 +40,12 @@ batches (a biased batch variance is on average ``(m-1)/m`` of the
 population's). ``docs/guides/small_batches.md`` shows the difference.
 
 The Flax layers keep their statistics as plain variables (no NamedTuple type
-to carry the mark), so :mod:`jaxnorm._flax_common` holds the one switch
-the Flax side has (``recalibrating``), under which a jaxnorm layer builds its
-state as ``RecalibrationStats``; :func:`run_pass` is the loop all three entry
-points share (restart, one compiled step, keep what folded).
+to carry the mark), so there the mark is the count's layout
+(:data:`~jaxnorm._src.state.PASS_LAYOUT`): :func:`restart` gives it, and a
+layer reads its variables with :func:`~jaxnorm._src.state.stats_from_arrays`,
+which types them. Nothing ambient is read on either side. :func:`run_pass`
+is the loop all three entry points share (restart, one compiled step, keep
+what folded).
 
 (The design sketch put recalibration in ``inference.py`` next to
 ``fold_batch_norm``; it is a concept of its own, hence its own module.)
@@ -58,6 +60,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxnorm._src.state import (
+    PASS_LAYOUT,
     POPULATIONS,
     BatchStats,
     ExactRecalibrationStats,
@@ -107,22 +110,26 @@ def check_population(fn: str, population: Any) -> str:
 
 
 def restart(tree: Any, *, mark: bool = False, population: str = "average") -> Any:
-    """Every statistics node of ``tree`` reset (mean 0, var 1, count 0); with ``mark``, as RecalibrationStats.
+    """Every statistics node of ``tree`` reset (mean 0, var 1, count 0), marked for the pass.
 
-    With ``population="exact"`` every node's count takes the exact mode's
-    layout (zeros of shape ``mean.shape + (3,)``, see
-    :class:`~jaxnorm._src.state.ExactRecalibrationStats`), and ``mark`` makes
-    ``ExactRecalibrationStats``.
+    With ``mark`` the mark is the type (``RecalibrationStats``, or
+    ``ExactRecalibrationStats`` for ``population="exact"``), for the
+    functional entry point. Without it (the Flax layers' variables, plain
+    arrays) the mark is the count's layout, :data:`~jaxnorm._src.state.PASS_LAYOUT`:
+    zeros of shape ``mean.shape + (1,)``, or ``+ (3,)`` for the exact mode,
+    whose count needs that layout in either case (see
+    :class:`~jaxnorm._src.state.ExactRecalibrationStats`).
     """
     kind = ExactRecalibrationStats if population == "exact" else RecalibrationStats
+    layout = population == "exact" or not mark
 
     def one(node: Any) -> Any:
         if not is_batch_stats(node):
             return node
         fresh = fresh_like(node)
-        if population == "exact":
+        if layout:
             mean = stats_fields(fresh)["mean"]
-            fresh = rebuild(fresh, {"count": jnp.zeros(jnp.shape(mean) + (3,), jnp.int32)})
+            fresh = rebuild(fresh, {"count": jnp.zeros(jnp.shape(mean) + (PASS_LAYOUT[population],), jnp.int32)})
         return kind(*fresh) if mark and isinstance(node, BatchStats) else fresh
 
     return jax.tree.map(one, tree, is_leaf=is_batch_stats)
@@ -148,8 +155,10 @@ def finish(before: Any, after: Any, *, population: str = "average") -> tuple[Any
         old_fields, new_fields = stats_fields(old), stats_fields(new)
         count = jnp.asarray(new_fields["count"])
         if population == "exact":
-            # per feature: whether a value folded; the batches folded are the same for every feature
+            # per feature: whether a value folded
             valid = (count[..., 1] > 0) | (count[..., 2] > 0)
+        if jnp.ndim(count) > jnp.ndim(old_fields["count"]):
+            # the pass's layout (PASS_LAYOUT): the batches folded, the same for every feature
             lead = jnp.shape(old_fields["count"])
             count = jnp.max(jnp.reshape(count[..., 0], lead + (-1,)), axis=-1, initial=0)
             count = count.astype(jnp.result_type(old_fields["count"]))

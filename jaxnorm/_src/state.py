@@ -42,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxnorm._src.checks import check_floating_dtype
+
 Array = jax.Array
 
 AVERAGES = ("ema", "cumulative")
@@ -119,6 +121,35 @@ class ExactRecalibrationStats(RecalibrationStats):
 
 POPULATIONS = ("average", "exact")
 
+# Where a state travels as plain arrays (a Flax layer's variables) its type is
+# lost, so the count's layout marks a PreciseBN pass instead: shape
+# ``mean.shape + (k,)``, with k the entry below, where a plain state's count is
+# a scalar. No ambient switch is needed: the mark is in the state handed over.
+PASS_LAYOUT = {"average": 1, "exact": 3}
+
+
+def stats_from_arrays(mean: Array, var: Array, count: Array) -> BatchStats:
+    """A state held as three arrays, typed by its count's layout (:data:`PASS_LAYOUT`).
+
+    A scalar count gives a :class:`BatchStats`; ``mean.shape + (1,)`` a
+    :class:`RecalibrationStats` (its count the one value repeated there) and
+    ``mean.shape + (3,)`` an :class:`ExactRecalibrationStats`.
+    """
+    shape, count_shape = jnp.shape(mean), jnp.shape(count)
+    if count_shape == shape + (PASS_LAYOUT["exact"],):
+        return ExactRecalibrationStats(mean, var, count)
+    if count_shape == shape + (PASS_LAYOUT["average"],):
+        return RecalibrationStats(mean, var, jnp.reshape(count, (-1,))[0])
+    return BatchStats(mean, var, count)
+
+
+def stats_as_arrays(stats: BatchStats) -> tuple[Array, Array, Array]:
+    """``(mean, var, count)`` with the count in its layout: the inverse of :func:`stats_from_arrays`."""
+    count = stats.count
+    if type(stats) is RecalibrationStats:
+        count = jnp.broadcast_to(count, jnp.shape(stats.mean) + (PASS_LAYOUT["average"],))
+    return stats.mean, stats.var, count
+
 
 def init_batch_stats(feature_shape: int | tuple[int, ...], *, dtype: Any = jnp.float32) -> BatchStats:
     """Fresh running statistics: mean 0, var 1, count 0.
@@ -141,17 +172,11 @@ def init_batch_stats(feature_shape: int | tuple[int, ...], *, dtype: Any = jnp.f
     """
     fn = "init_batch_stats"
     shape = check_feature_shape(fn, feature_shape)
-    try:
-        shown = jnp.dtype(dtype)
-        floating = jnp.issubdtype(shown, jnp.floating)
-    except TypeError:
-        shown, floating = repr(dtype), False
-    if not floating:
-        # batch_norm refuses such a state (updates would truncate): say so where it is made.
-        raise ValueError(
-            f"{fn}: `dtype`={shown} must be a real floating dtype (running statistics are averages); "
-            "pass e.g. `dtype=jnp.float32`."
-        )
+    # batch_norm refuses such a state (updates would truncate): say so where it is made.
+    check_floating_dtype(
+        fn, dtype, requirement="a real floating dtype (running statistics are averages)",
+        fix="pass e.g. `dtype=jnp.float32`",
+    )
     return BatchStats(jnp.zeros(shape, dtype), jnp.ones(shape, dtype), jnp.zeros((), jnp.int32))
 
 
