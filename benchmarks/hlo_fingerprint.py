@@ -2,8 +2,9 @@
 
 Timings on a shared CPU move by tens of percent between runs; the program XLA
 compiles does not. This prints, for the gradient of a loss through each norm
-(x, scale and bias), a hash of the optimized HLO with instruction names,
-metadata and strings removed, and its instruction and fusion counts. Run it
+(x, scale and bias; the functional norms and the linen layers the bench
+runs), a hash of the optimized HLO with instruction names, metadata and
+strings removed, and its instruction and fusion counts. Run it
 on two commits: equal hashes mean the same compiled program, hence the same
 speed, whatever the timings say.
 
@@ -22,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxnorm as jn
+import jaxnorm.linen as jnl
 
 
 def normalized(text: str) -> list[str]:
@@ -41,6 +43,16 @@ def cases() -> dict:
     def bn(x, s, b):
         return jn.batch_norm(x, stats, s, b, training=True)[0]
 
+    def linen(layer):
+        """A linen layer's training step (batch statistics updated), as the bench runs it."""
+        variables = layer.init(jax.random.key(0), x4)
+
+        def loss(x, s, b):
+            out, _ = layer.apply({**variables, "params": {"scale": s, "bias": b}}, x, mutable=["batch_stats"])
+            return jnp.sum(out * w4)
+
+        return loss
+
     return {
         "layer_norm": (lambda x, s, b: jnp.sum(jn.layer_norm(x, s, b) * w), (x, s, b)),
         "layer_norm masked": (lambda x, s, b: jnp.sum(jn.layer_norm(x, s, b, mask=x > -1) * w), (x, s, b)),
@@ -48,6 +60,9 @@ def cases() -> dict:
         "batch_norm": (lambda x, s, b: jnp.sum(bn(x, s, b) * w), (x, s, b)),
         "batch_norm bf16": (lambda x, s, b: jnp.sum(bn(x.astype(jnp.bfloat16), s, b) * w), (x, s, b)),
         "group_norm": (lambda x, s, b: jnp.sum(jn.group_norm(x, s, b, num_groups=8) * w4), (x4, s4, b4)),
+        "linen BatchNorm": (linen(jnl.BatchNorm(use_running_average=False)), (x4, s4, b4)),
+        "linen BatchRenorm": (linen(jnl.BatchRenorm(use_running_average=False)), (x4, s4, b4)),
+        "linen LayerNorm": (linen(jnl.LayerNorm()), (x4, s4, b4)),
     }
 
 
